@@ -1,0 +1,320 @@
+"""NIH ChestX-ray14 metadata: reading the CSV, patient-wise splits and datalists for MONAI datasets.
+
+The reader accepts NIH's own files (``Data_Entry_2017.csv``, ``Data_Entry_2017_v2020.csv`` and Kaggle's
+``sample_labels.csv``): a row per image with ``Image Index``, ``Finding Labels`` (``|``-separated, ``No Finding``
+for none), ``Follow-up #``, ``Patient ID``, ``Patient Age`` (years, or DICOM-style ``058Y``), ``Patient Gender`` and
+``View Position``. Splits never put one patient on two sides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from . import imaging
+from .constants import (
+    COL_AGE,
+    COL_FINDINGS,
+    COL_FOLLOW_UP,
+    COL_IMAGE,
+    COL_PATIENT,
+    COL_SEX,
+    COL_VIEW,
+    KEY_AGE,
+    KEY_FOLLOW_UP,
+    KEY_IMAGE,
+    KEY_LABEL,
+    KEY_NAME,
+    KEY_PATIENT,
+    KEY_SEX,
+    KEY_VIEW,
+    LABELS,
+    NO_FINDING,
+    REQUIRED_COLUMNS,
+)
+from .tabular import TabularEncoder, parse_age
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_TRAIN_LIST = "train_val_list.txt"
+OFFICIAL_TEST_LIST = "test_list.txt"
+SPLITS = ("official", "random")
+
+
+def parse_findings(text, labels=LABELS, where: str = "") -> np.ndarray:
+    """Multi-hot float32 vector for a ``|``-separated ``Finding Labels`` cell (``No Finding`` gives all zeros).
+
+    Raises:
+        ValueError: for an empty cell, an unknown finding name, or ``No Finding`` combined with a finding; the
+            message includes ``where`` (file and row).
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: empty '{COL_FINDINGS}'; use '{NO_FINDING}' for an image without findings")
+    names = [t.strip() for t in text.split("|") if t.strip()]
+    vector = np.zeros(len(labels), dtype=np.float32)
+    if names == [NO_FINDING]:
+        return vector
+    for name in names:
+        if name not in labels:
+            raise ValueError(f"{where}: unknown finding '{name}' in '{text}'; known: {NO_FINDING}, {', '.join(labels)}")
+        vector[labels.index(name)] = 1.0
+    return vector
+
+
+def read_nih_csv(path: str, labels=LABELS) -> pd.DataFrame:
+    """Read an NIH metadata CSV into a frame with one row per image.
+
+    Columns of the result: ``name`` (file name), ``patient_id`` (str), ``age`` (years, NaN when missing or
+    implausible), ``sex``, ``view``, ``follow_up`` (raw values) and ``label`` (a multi-hot vector per row).
+
+    Raises:
+        ValueError: for a missing required column, a duplicate ``Image Index``, an empty or unknown finding; the
+            message names the file and, for row errors, the CSV line.
+    """
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing required column(s) {missing}; found {list(frame.columns)}. "
+            f"An NIH metadata CSV needs {list(REQUIRED_COLUMNS)}"
+        )
+    names = frame[COL_IMAGE].str.strip()
+    duplicated = names[names.duplicated(keep=False)]
+    if len(duplicated):
+        first = duplicated.index[:3]
+        where = ", ".join(f"line {i + 2} ('{names[i]}')" for i in first)
+        raise ValueError(f"{path}: duplicate '{COL_IMAGE}' values, e.g. {where}; each image must appear once")
+    empty_patient = names[frame[COL_PATIENT].str.strip() == ""]
+    if len(empty_patient):
+        i = empty_patient.index[0]
+        raise ValueError(f"{path}: line {i + 2} ('{names[i]}'): empty '{COL_PATIENT}'; splits need a patient per image")
+    label_vectors = [
+        parse_findings(text, labels, where=f"{path}: line {i + 2} ('{names[i]}')")
+        for i, text in enumerate(frame[COL_FINDINGS])
+    ]
+    ages = frame[COL_AGE].map(parse_age)
+    bad_age = ages.isna() & (frame[COL_AGE].str.strip() != "")
+    if bad_age.any():
+        i = int(np.flatnonzero(bad_age.to_numpy())[0])
+        logger.warning(
+            "%s: %d row(s) have an unparseable or implausible '%s' (e.g. line %d: '%s'); encoded as missing",
+            path, int(bad_age.sum()), COL_AGE, i + 2, frame[COL_AGE].iloc[i],
+        )
+    return pd.DataFrame(
+        {
+            KEY_NAME: names,
+            KEY_PATIENT: frame[COL_PATIENT].str.strip(),
+            KEY_AGE: ages,
+            KEY_SEX: frame[COL_SEX].str.strip(),
+            KEY_VIEW: frame[COL_VIEW].str.strip(),
+            KEY_FOLLOW_UP: frame[COL_FOLLOW_UP].str.strip(),
+            KEY_LABEL: label_vectors,
+        }
+    )
+
+
+def read_split_list(path: str) -> set[str]:
+    """Image names of an NIH split list (one per line; the official files have no final newline)."""
+    with open(path) as f:
+        return {line.strip() for line in f if line.strip()}
+
+
+def find_official_lists(*folders: str | None) -> tuple[str, str] | None:
+    """Paths of ``train_val_list.txt`` and ``test_list.txt`` in the first folder (or its ``meta/``) holding both."""
+    for folder in folders:
+        if not folder:
+            continue
+        for candidate in (folder, os.path.join(folder, "meta")):
+            train, test = os.path.join(candidate, OFFICIAL_TRAIN_LIST), os.path.join(candidate, OFFICIAL_TEST_LIST)
+            if os.path.isfile(train) and os.path.isfile(test):
+                return train, test
+    return None
+
+
+def patient_split(patients, fractions: tuple[float, ...], seed: int) -> list[set[str]]:
+    """Partition unique patient ids at random (fixed ``seed``) into groups of the given fractions (summing to 1)."""
+    unique = np.array(sorted(set(patients)))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    bounds = np.round(np.cumsum(fractions) * len(unique)).astype(int)
+    bounds[-1] = len(unique)
+    groups, start = [], 0
+    for end in bounds:
+        groups.append(set(unique[order[start:end]].tolist()))
+        start = end
+    return groups
+
+
+def split_frame(
+    frame: pd.DataFrame,
+    split: str = "official",
+    list_folders: tuple = (),
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict[str, pd.DataFrame]:
+    """Split rows patient-wise into ``train``, ``val`` and ``test`` frames.
+
+    ``official`` uses NIH's ``train_val_list.txt`` / ``test_list.txt`` found in ``list_folders`` (validation is
+    ``val_fraction`` of the train_val patients); without those lists, or with ``random``, patients are split at
+    random into ``test_fraction``, ``val_fraction`` and the rest.
+
+    Raises:
+        ValueError: for an unknown ``split``, fractions outside (0, 1), or a patient found in both official lists.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split='{split}' is not supported; use one of {SPLITS}")
+    if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must lie in (0, 1), sum < 1")
+    lists = find_official_lists(*list_folders) if split == "official" else None
+    patients = frame[KEY_PATIENT]
+    if lists is not None:
+        train_names, test_names = read_split_list(lists[0]), read_split_list(lists[1])
+        in_test = frame[KEY_NAME].isin(test_names)
+        in_train = frame[KEY_NAME].isin(train_names)
+        crossing = set(patients[in_test]) & set(patients[in_train])
+        if crossing:
+            raise ValueError(
+                f"patients {sorted(crossing)[:5]} appear in both {lists[0]} and {lists[1]}; the lists must be "
+                "patient-disjoint"
+            )
+        unlisted = int((~in_test & ~in_train).sum())
+        if unlisted:
+            logger.warning("%d image(s) are in neither official list; they are left out", unlisted)
+        test = frame[in_test]
+        train_val = frame[in_train]
+        val_patients, _ = patient_split(train_val[KEY_PATIENT], (val_fraction, 1.0 - val_fraction), seed)
+        val = train_val[train_val[KEY_PATIENT].isin(val_patients)]
+        train = train_val[~train_val[KEY_PATIENT].isin(val_patients)]
+        logger.info("official split from %s", os.path.dirname(lists[0]))
+    else:
+        if split == "official":
+            logger.info("no %s/%s found: using a patient-wise random split", OFFICIAL_TRAIN_LIST, OFFICIAL_TEST_LIST)
+        fractions = (test_fraction, val_fraction, 1 - test_fraction - val_fraction)
+        test_p, val_p, train_p = patient_split(patients, fractions, seed)
+        test, val, train = (frame[patients.isin(p)] for p in (test_p, val_p, train_p))
+    return {"train": train, "val": val, "test": test}
+
+
+def frame_to_records(frame: pd.DataFrame, images_dir: str) -> tuple[list[dict], list[str]]:
+    """Datalist items (``image`` path, ``label``, raw tabular fields, ``name``) for rows whose file exists.
+
+    Returns the items and the names of listed images missing from ``images_dir``.
+    """
+    records, missing = [], []
+    for row in frame.itertuples(index=False):
+        row = row._asdict()
+        path = os.path.join(images_dir, row[KEY_NAME])
+        if not os.path.isfile(path):
+            missing.append(row[KEY_NAME])
+            continue
+        records.append({KEY_IMAGE: path, **row})
+    return records, missing
+
+
+def folder_records(input_dir: str, tabular_csv: str | None = None) -> list[dict]:
+    """Datalist for inference: every readable-looking image under ``input_dir`` (PNG/JPEG, DICOM, NIfTI), sorted.
+
+    Tabular fields come from ``tabular_csv`` (an NIH-format CSV matched on ``Image Index``) when given; DICOM files
+    also fill them from their header at load time; anything else is encoded as missing.
+    """
+    if not os.path.isdir(input_dir):
+        raise FileNotFoundError(f"input_dir '{input_dir}' is not a folder")
+    paths = sorted(
+        os.path.join(root, f) for root, _, files in os.walk(input_dir) for f in files if imaging.is_supported(f)
+    )
+    rows = {}
+    if tabular_csv:
+        table = pd.read_csv(tabular_csv, dtype=str, keep_default_na=False)
+        if COL_IMAGE not in table.columns:
+            raise ValueError(f"{tabular_csv}: missing required column '{COL_IMAGE}'; found {list(table.columns)}")
+        for _, r in table.iterrows():
+            rows[r[COL_IMAGE].strip()] = {
+                KEY_AGE: r.get(COL_AGE), KEY_SEX: r.get(COL_SEX), KEY_VIEW: r.get(COL_VIEW),
+                KEY_FOLLOW_UP: r.get(COL_FOLLOW_UP),
+            }
+    records = []
+    for path in paths:
+        name = os.path.relpath(path, input_dir)
+        records.append({KEY_IMAGE: path, KEY_NAME: name, **rows.get(os.path.basename(path), rows.get(name, {}))})
+    logger.info("found %d image file(s) under %s", len(records), input_dir)
+    return records
+
+
+@dataclass
+class PreparedData:
+    """Datalists of one run and the tabular encoder fitted on its training part."""
+
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+    encoder: TabularEncoder
+    label_counts: list[int] = field(default_factory=list)
+    synthetic: bool = False
+
+
+def prepare_datasets(
+    dataset_dir: str | None,
+    labels_csv: str | None = None,
+    images_dir: str | None = None,
+    split: str = "official",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    output_dir: str | None = None,
+    demo_dir: str = "demo_data",
+    tabular_encoder_path: str | None = None,
+) -> PreparedData:
+    """Read, split and list a dataset; fit (or load) the tabular encoder.
+
+    With ``dataset_dir=None`` a synthetic NIH-format demo set is generated once into ``demo_dir`` and used.
+    The encoder is loaded from ``tabular_encoder_path`` when that file exists (evaluation and inference), else fitted
+    on the training records and, when ``output_dir`` is given, saved there as ``tabular_encoder.json`` along with
+    ``label_counts.json`` (training positives per finding).
+    """
+    synthetic = dataset_dir is None
+    if synthetic:
+        from .demo import make_demo_dataset
+
+        dataset_dir = make_demo_dataset(demo_dir)
+        logger.warning("no dataset_dir given: using the SYNTHETIC demo dataset in %s (not real X-rays)", dataset_dir)
+    labels_csv = labels_csv or os.path.join(dataset_dir, "Data_Entry_2017.csv")
+    images_dir = images_dir or os.path.join(dataset_dir, "images")
+    if not os.path.isfile(labels_csv):
+        raise FileNotFoundError(f"labels_csv '{labels_csv}' does not exist")
+    if not os.path.isdir(images_dir):
+        raise FileNotFoundError(f"images_dir '{images_dir}' is not a folder")
+    frame = read_nih_csv(labels_csv)
+    parts = split_frame(frame, split, (dataset_dir, os.path.dirname(labels_csv)), val_fraction, test_fraction, seed)
+    lists, missing = {}, []
+    for name, part in parts.items():
+        lists[name], lost = frame_to_records(part, images_dir)
+        missing += lost
+    if missing:
+        logger.warning(
+            "%d image(s) listed in %s are missing from %s and are skipped (e.g. %s)",
+            len(missing), labels_csv, images_dir, ", ".join(missing[:3]),
+        )
+    on_disk = {f for f in os.listdir(images_dir) if imaging.is_supported(f)}
+    unlisted = len(on_disk - set(frame[KEY_NAME]))
+    if unlisted:
+        logger.info("%d image file(s) in %s have no row in %s and are not used", unlisted, images_dir, labels_csv)
+    if not lists["train"]:
+        raise ValueError(f"no training images found: check labels_csv='{labels_csv}' and images_dir='{images_dir}'")
+    logger.info("images: %s", ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
+    if tabular_encoder_path and os.path.isfile(tabular_encoder_path):
+        encoder = TabularEncoder.load(tabular_encoder_path)
+    else:
+        encoder = TabularEncoder().fit(lists["train"])
+    counts = np.sum([r[KEY_LABEL] for r in lists["train"]], axis=0).astype(int).tolist()
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        encoder.save(os.path.join(output_dir, "tabular_encoder.json"))
+        with open(os.path.join(output_dir, "label_counts.json"), "w") as f:
+            json.dump({"num_train": len(lists["train"]), "positives": dict(zip(LABELS, counts))}, f, indent=2)
+    return PreparedData(lists["train"], lists["val"], lists["test"], encoder, counts, synthetic)
