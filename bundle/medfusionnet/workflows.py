@@ -1,0 +1,107 @@
+"""Small helpers the workflow configs call: data loaders, devices and rank checks."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from monai.data import DataLoader, DistributedSampler
+
+from .constants import KEY_IMAGE
+from .transforms import collate_skipping_unreadable
+
+
+def is_distributed() -> bool:
+    """Whether a torch.distributed process group is running (a ``torchrun`` launch)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def is_main_process() -> bool:
+    """True on rank 0, or when not distributed: the process that writes checkpoints, reports and logs."""
+    return not is_distributed() or torch.distributed.get_rank() == 0
+
+
+def data_loader(
+    dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0, seed: int = 0, train: bool = False
+) -> DataLoader:
+    """A MONAI `DataLoader` that drops unreadable images from batches (`collate_skipping_unreadable`).
+
+    For evaluation, batches left empty are skipped (`SkipEmptyBatches`); for training (``train=True``) they raise an
+    error naming the files, since the trainer needs a fixed number of iterations per epoch. In a distributed run
+    each rank reads its own shard through a `DistributedSampler` (which also does the shuffling).
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size={batch_size} must be a positive integer")
+    if int(num_workers) < 0:
+        raise ValueError(f"num_workers={num_workers} must be 0 or more")
+    sampler = None
+    if is_distributed():
+        # evaluation shards may be uneven, so no image is counted twice; training needs equal shards for DDP
+        sampler = DistributedSampler(dataset, even_divisible=train, shuffle=shuffle, seed=seed)
+        shuffle = False
+    loader = DataLoader(
+        dataset,
+        batch_size=int(batch_size),
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=int(num_workers),
+        collate_fn=functools.partial(collate_skipping_unreadable, allow_empty=not train),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=int(num_workers) > 0,
+    )
+    return loader if train else SkipEmptyBatches(loader)
+
+
+class SkipEmptyBatches:
+    """Iterates a data loader but leaves out batches left empty because all their images were unreadable.
+
+    It has no length, so Ignite counts the iterations of the first epoch (evaluation runs a fixed set of files, so
+    every run sees the same count). Other attributes (``dataset``, ``sampler``) are those of the loader.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            if len(batch[KEY_IMAGE]):
+                yield batch
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+RUN_SETTINGS_FILE = "run_settings.json"
+
+
+def save_run_settings(output_dir: str, **settings) -> None:
+    """Write the settings that evaluation and inference must reuse (image size, network name) to
+    ``<output_dir>/run_settings.json``; only the main process writes."""
+    import json
+    import os
+
+    if not is_main_process():
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, RUN_SETTINGS_FILE), "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+def saved_setting(output_dir: str, key: str, default=None):
+    """A setting saved by `save_run_settings` in ``output_dir``, or ``default`` when there is none.
+
+    Raises:
+        FileNotFoundError: when nothing was saved and no default is given.
+    """
+    import json
+    import os
+
+    path = os.path.join(output_dir, RUN_SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            settings = json.load(f)
+        if key in settings:
+            return settings[key]
+    if default is None:
+        raise FileNotFoundError(f"no '{key}' in {path}: train first, or pass --{key} explicitly")
+    return default
