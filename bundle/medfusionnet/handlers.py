@@ -1,0 +1,301 @@
+"""Thin Ignite handlers: multilabel metric handlers, the metrics/threshold report, predictions and skip counts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import IgniteMetricHandler, from_engine
+
+from .constants import KEY_IMAGE, KEY_LABEL, KEY_NAME, KEY_PRED, LABELS
+from .metrics import MultiLabelAUC, MultiLabelAUPRC, MultiLabelThresholdMetric, summarize
+
+logger = logging.getLogger(__name__)
+
+_default_output = from_engine([KEY_PRED, KEY_LABEL])
+
+
+class _MultiLabelHandler(IgniteMetricHandler):
+    """An `IgniteMetricHandler` whose metric's per-class values also land in ``engine.state.metrics`` as
+    ``"<name>/<label>"`` (so TensorBoard and the stats log show them); NaN classes are left out."""
+
+    def __init__(self, metric_fn, output_transform: Callable, labels: Sequence[str], per_class: bool):
+        super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=False)
+        self.labels = list(labels)
+        self.per_class = per_class
+
+    def completed(self, engine: Engine, name: str) -> None:
+        """Store the mean under ``name`` and, if ``per_class``, each class under ``name/label``."""
+        super().completed(engine, name)
+        if self.per_class:
+            for label, value in zip(self.labels, self.metric_fn.per_class_):
+                if math.isfinite(value):
+                    engine.state.metrics[f"{name}/{label}"] = float(value)
+
+
+class MeanAUC(_MultiLabelHandler):
+    """Mean ROC-AUC over findings (NaN-safe, `metrics.MultiLabelAUC`); per-class values with ``per_class``."""
+
+    def __init__(self, output_transform: Callable = _default_output, labels=LABELS, per_class: bool = True):
+        super().__init__(MultiLabelAUC(), output_transform, labels, per_class)
+
+
+class MeanAUPRC(_MultiLabelHandler):
+    """Mean area under the precision-recall curve over findings."""
+
+    def __init__(self, output_transform: Callable = _default_output, labels=LABELS, per_class: bool = False):
+        super().__init__(MultiLabelAUPRC(), output_transform, labels, per_class)
+
+
+class MeanThresholdMetric(_MultiLabelHandler):
+    """Mean F1, G-mean or accuracy over findings at fixed thresholds, or at thresholds chosen on the data (None)."""
+
+    def __init__(
+        self,
+        metric: str = "f1",
+        thresholds: Sequence[float] | None = None,
+        output_transform: Callable = _default_output,
+        labels=LABELS,
+        per_class: bool = False,
+    ):
+        super().__init__(MultiLabelThresholdMetric(metric, thresholds), output_transform, labels, per_class)
+
+
+def load_thresholds(path: str | None, labels: Sequence[str] = LABELS) -> list[float] | None:
+    """Per-class thresholds from a ``thresholds.json`` written by `MetricsReport`; None when ``path`` is None."""
+    if path is None:
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    missing = [label for label in labels if label not in saved]
+    if missing:
+        raise ValueError(f"{path}: no threshold for {missing}")
+    return [float(saved[label]) for label in labels]
+
+
+def _gather(values: list) -> list:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, values)
+        return [v for part in parts for v in part]
+    return values
+
+
+def _is_writer() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+class _OutputCollector(ABC):
+    """Collects, per epoch, each item's file name, probabilities and (when present) label from a decollated
+    evaluator; gathers across ranks and drops the duplicates a distributed sampler pads with."""
+
+    def __init__(self, labels: Sequence[str] = LABELS):
+        self.labels = list(labels)
+        self._rows: list = []
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine``'s epoch start, iteration end and epoch end."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _reset(self, engine: Engine) -> None:
+        self._rows = []
+
+    def _collect(self, engine: Engine) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):
+            label = out.get(KEY_LABEL, item.get(KEY_LABEL))
+            self._rows.append(
+                (
+                    str(item[KEY_NAME]),
+                    out[KEY_PRED].detach().float().cpu().numpy().reshape(-1),
+                    None if label is None else torch.as_tensor(label).float().cpu().numpy().reshape(-1),
+                )
+            )
+
+    def _gathered(self) -> list:
+        rows, seen = [], set()
+        for row in _gather(self._rows):
+            if row[0] not in seen:
+                seen.add(row[0])
+                rows.append(row)
+        return rows
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        rows = self._gathered()
+        if _is_writer() and rows:
+            self.write(engine, rows)
+
+    @abstractmethod
+    def write(self, engine: Engine, rows: list) -> None:
+        """Write the gathered rows (name, probabilities, label)."""
+
+
+def write_predictions_csv(path: str, rows: list, labels: Sequence[str]) -> None:
+    """CSV with ``Image Index`` and one probability column per label."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Image Index", *labels])
+        for name, prob, _ in rows:
+            writer.writerow([name, *(f"{p:.6f}" for p in prob)])
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class MetricsReport(_OutputCollector):
+    """Writes the full metric report of an evaluator's epoch (`metrics.summarize`) under ``output_dir``.
+
+    Files: ``metrics.json`` (per-class and mean AUC, AUPRC, F1, G-mean, accuracy, sensitivity, specificity and the
+    thresholds used), ``metrics.csv`` (one row per finding), ``thresholds.json`` when the thresholds were chosen on
+    this data, and optionally ``roc.png`` and ``predictions.csv``.
+
+    Args:
+        output_dir: folder for the files.
+        thresholds: fixed per-class thresholds (evaluation), or None to choose them by maximum G-mean (validation).
+        best_only: write only when the evaluator's key metric has just improved (validation during training).
+        plot_roc: also draw the per-class ROC curves.
+        save_predictions: also write the per-image probabilities.
+        labels: finding names.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        thresholds: Sequence[float] | None = None,
+        best_only: bool = False,
+        plot_roc: bool = False,
+        save_predictions: bool = False,
+        labels: Sequence[str] = LABELS,
+    ):
+        super().__init__(labels)
+        self.output_dir = output_dir
+        self.thresholds = thresholds
+        self.best_only = best_only
+        self.plot_roc = plot_roc
+        self.save_predictions = save_predictions
+
+    def write(self, engine: Engine, rows: list) -> None:
+        """Summarise the rows and write the report files."""
+        if self.best_only and getattr(engine.state, "best_metric_epoch", -1) != engine.state.epoch:
+            return
+        if any(r[2] is None for r in rows):
+            raise ValueError("MetricsReport needs a label for every image")
+        y_prob = np.stack([r[1] for r in rows])
+        y = np.stack([r[2] for r in rows])
+        report = summarize(y_prob, y, self.labels, self.thresholds)
+        report["epoch"] = int(engine.state.epoch)
+        report["thresholds_chosen_on_this_data"] = self.thresholds is None
+        os.makedirs(self.output_dir, exist_ok=True)
+        _atomic_write_text(os.path.join(self.output_dir, "metrics.json"), json.dumps(report, indent=2))
+        columns = list(next(iter(report["per_class"].values())).keys())
+        lines = [",".join(["finding", *columns])]
+        for label, values in report["per_class"].items():
+            lines.append(",".join([label, *("" if values[c] is None else f"{values[c]:.6f}" for c in columns)]))
+        lines.append(",".join(["mean", *(f"{report['mean'].get(c, float('nan')):.6f}" for c in columns)]))
+        _atomic_write_text(os.path.join(self.output_dir, "metrics.csv"), "\n".join(lines) + "\n")
+        if self.thresholds is None:
+            chosen = {label: values["threshold"] for label, values in report["per_class"].items()}
+            _atomic_write_text(os.path.join(self.output_dir, "thresholds.json"), json.dumps(chosen, indent=2))
+        if self.save_predictions:
+            write_predictions_csv(os.path.join(self.output_dir, "predictions.csv"), rows, self.labels)
+        if self.plot_roc:
+            plot_roc_curves(os.path.join(self.output_dir, "roc.png"), y_prob, y, self.labels, report)
+        logger.info(
+            "epoch %d: mean AUC %.4f over %d images (%s written to %s)",
+            report["epoch"], report["mean"]["auc"], report["num_images"], "metrics.json", self.output_dir,
+        )
+
+
+def plot_roc_curves(path: str, y_prob: np.ndarray, y: np.ndarray, labels: Sequence[str], report: dict) -> None:
+    """One ROC curve per finding with its AUC in the legend, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(7, 7))
+    for c, label in enumerate(labels):
+        auc = report["per_class"][label]["auc"]
+        if auc is None:
+            continue
+        fpr, tpr, _ = roc_curve(y[:, c] > 0.5, y_prob[:, c])
+        ax.plot(fpr, tpr, lw=1.2, label=f"{label} ({auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, mean AUC {report['mean']['auc']:.3f}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class PredictionWriter(_OutputCollector):
+    """Writes ``predictions.csv`` (``Image Index`` plus one probability column per finding) under ``output_dir``."""
+
+    def __init__(self, output_dir: str, filename: str = "predictions.csv", labels: Sequence[str] = LABELS):
+        super().__init__(labels)
+        self.output_dir = output_dir
+        self.filename = filename
+
+    def write(self, engine: Engine, rows: list) -> None:
+        """Write the rows, sorted by name."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, self.filename)
+        write_predictions_csv(path, sorted(rows, key=lambda r: r[0]), self.labels)
+        logger.info("wrote %d prediction(s) to %s", len(rows), path)
+
+
+class UnreadableImageReport:
+    """Logs, per epoch, how many images of the data loader were unreadable and skipped.
+
+    Counts the images that reached the engine against the length of the loader's sampler; the files themselves
+    are named in the warnings of `transforms.XrayDataset`.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine``'s epoch start, iteration start and epoch end."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._count)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+
+    def _reset(self, engine: Engine) -> None:
+        self.seen = 0
+
+    def _count(self, engine: Engine) -> None:
+        self.seen += int(engine.state.batch[KEY_IMAGE].shape[0])
+
+    def _report(self, engine: Engine) -> None:
+        loader = engine.data_loader
+        expected = len(loader.sampler) if hasattr(loader, "sampler") else len(loader.dataset)
+        skipped = expected - self.seen
+        engine.state.skipped_images = skipped
+        if skipped > 0:
+            logger.warning("%d of %d image(s) were unreadable and skipped this epoch", skipped, expected)
+
+
+class LossProgressBar:
+    """Ignite's tqdm progress bar showing the training loss; disabled where output is not a terminal (CI logs)."""
+
+    def __init__(self, persist: bool = False):
+        from ignite.handlers import ProgressBar
+
+        self.bar = ProgressBar(persist=persist, disable=None)
+
+    def attach(self, engine: Engine) -> None:
+        """Attach the bar to ``engine``, showing ``loss`` from its output."""
+        self.bar.attach(engine, output_transform=from_engine(["loss"], first=True))
