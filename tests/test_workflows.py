@@ -1,0 +1,107 @@
+"""Workflow runs through ``python -m monai.bundle``, exactly as the README documents them."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import medfusionnet
+from conftest import REPO, require
+
+
+def bundle(*args, timeout=900):
+    """Run ``python -m monai.bundle <args>`` from the repository root; fail with its output on error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _check_training_outputs(out, num_val_images_min=1):
+    state = torch.load(out / "model.pt", weights_only=True)  # a plain state dict of the best epoch
+    net = medfusionnet.create_network(json.loads((out / "run_settings.json").read_text())["network_name"])
+    net.load_state_dict(state)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["per_class"]) == set(medfusionnet.LABELS)
+    assert metrics["num_images"] >= num_val_images_min and 0 <= metrics["mean"]["auc"] <= 1
+    assert set(json.loads((out / "thresholds.json").read_text())) == set(medfusionnet.LABELS)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
+    assert (out / "tabular_encoder.json").is_file()
+    return metrics
+
+
+def test_verify_metadata_and_network():
+    schema = require(REPO.parent / "shared" / "schema" / "meta_schema_20240725.json")
+    assert "verified with no error" in bundle("verify_metadata", "--meta_file", "metadata.json", "--filepath", schema)
+    log = bundle("verify_net_in_out", "network_def", "--meta_file", "metadata.json",
+                 "--config_file", "configs/inference.yaml")
+    assert "verified with no error" in log
+
+
+@pytest.mark.slow
+def test_demo_train_evaluate_infer(tmp_path):
+    out = tmp_path / "run"
+    log = bundle("run", "training", "--config_file", "configs/train.yaml", "--output_dir", out,
+                 "--demo_dir", tmp_path / "demo", "--max_epochs", 2, "--num_workers", 0)
+    assert "SYNTHETIC" in log and "Cannot find the metadata" not in log
+    metrics = _check_training_outputs(out)
+    assert metrics["mean"]["auc"] > 0.6  # the synthetic findings are learnable within two epochs
+    bundle("run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--output_dir", out,
+           "--demo_dir", tmp_path / "demo", "--num_workers", 0)
+    report = json.loads((out / "eval" / "metrics.json").read_text())
+    assert report["thresholds_chosen_on_this_data"] is False
+    assert all(report["per_class"][k]["threshold"] == v
+               for k, v in json.loads((out / "thresholds.json").read_text()).items())
+    assert (out / "eval" / "roc.png").stat().st_size > 0
+    assert len(_rows(out / "eval" / "predictions.csv")) == report["num_images"]
+
+
+@pytest.mark.slow
+def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
+    out = tmp_path / "run"
+    bundle("run", "training", "--config_file", "configs/train.yaml", "--dataset_dir", nih_dir,
+           "--labels_csv", nih_dir / "labels.csv", "--images_dir", nih_dir / "images_256", "--image_size", 64,
+           "--max_epochs", 1, "--output_dir", out, "--num_workers", 0)
+    metrics = _check_training_outputs(out)
+    assert sum(v["auc"] is not None for v in metrics["per_class"].values()) >= 12
+    bundle("run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--dataset_dir", nih_dir,
+           "--labels_csv", nih_dir / "labels.csv", "--images_dir", nih_dir / "images_256", "--output_dir", out,
+           "--num_workers", 0)
+    report = json.loads((out / "eval" / "metrics.json").read_text())
+    assert report["num_images"] == 56  # the official test images among the 469
+    for folder, expected in ((nih_dir / "images_full", 150), (dicom_files[0].parent, 2)):
+        infer_dir = tmp_path / folder.name
+        bundle("run", "--config_file", "configs/inference.yaml", "--input_dir", folder, "--output_dir", out,
+               "--infer_dir", infer_dir, "--tabular_csv", nih_dir / "labels.csv", "--num_workers", 0)
+        rows = _rows(infer_dir / "predictions.csv")
+        assert len(rows) == expected
+        assert list(rows[0])[1:] == list(medfusionnet.LABELS)
+        assert all(0 <= float(r[label]) <= 1 for r in rows for label in medfusionnet.LABELS)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_training_with_torchrun(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+         "training", "--config_file", "['configs/train.yaml','configs/multi_gpu_train.yaml']", "--max_epochs", "1",
+         "--output_dir", str(out), "--demo_dir", str(tmp_path / "demo"), "--num_workers", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    metrics = _check_training_outputs(out)  # the state dict has no DistributedDataParallel "module." prefix
+    # each rank validates half; the report gathers both halves, each image once
+    from medfusionnet.data import prepare_datasets
+
+    assert metrics["num_images"] == len(prepare_datasets(None, demo_dir=str(tmp_path / "demo")).val)
