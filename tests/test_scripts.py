@@ -1,0 +1,25 @@
+import importlib.util
+import json
+
+from conftest import REPO
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_dataset_counts_and_missing_files(nih_dir, tmp_path, capsys):
+    check = _script("check_dataset")
+    out = tmp_path / "summary.json"
+    args = ["--dataset_dir", str(nih_dir), "--labels_csv", str(nih_dir / "labels.csv"), "--output", str(out)]
+    assert check.main(args + ["--images_dir", str(nih_dir / "images_256"), "--decode"]) == 0
+    summary = json.loads(out.read_text())
+    assert sum(s["images"] for s in summary["splits"].values()) == 469
+    assert summary["splits"]["test"]["images"] == 56
+    assert sum(s["positives"]["Infiltration"] for s in summary["splits"].values()) == 92
+    assert "Hernia" in capsys.readouterr().out
+    assert check.main(args + ["--images_dir", str(nih_dir / "images_full")]) == 1  # 319 images are not there
+    assert len(json.loads(out.read_text())["missing"]) == 319
