@@ -99,10 +99,15 @@ def make_demo_dataset(root: str, num_patients: int = 160, image_size: int = 96, 
     pd.DataFrame(rows).to_csv(os.path.join(tmp, "Data_Entry_2017.csv"), index=False)
     with open(os.path.join(tmp, "demo.json"), "w") as f:
         json.dump(params, f)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == params:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return root
     if os.path.isdir(root):
-        shutil.rmtree(root)
+        shutil.rmtree(root)  # a set made with other parameters
     try:
-        os.replace(tmp, root)
-    except OSError:  # another process finished first
+        os.rename(tmp, root)
+    except OSError:  # another process renamed its copy into place in between
         shutil.rmtree(tmp, ignore_errors=True)
     return root
