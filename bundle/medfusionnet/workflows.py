@@ -105,3 +105,16 @@ def saved_setting(output_dir: str, key: str, default=None):
     if default is None:
         raise FileNotFoundError(f"no '{key}' in {path}: train first, or pass --{key} explicitly")
     return default
+
+
+def with_cnn_weights(network, path: str | None):
+    """Initialise ``network``'s CNN branch from a DenseNet state dict file when ``path`` is given; returns it.
+
+    Raises:
+        ValueError: when the network has no CNN branch to initialise.
+    """
+    if path:
+        if not hasattr(network, "load_cnn_weights"):
+            raise ValueError(f"cnn_weights='{path}' given, but {type(network).__name__} has no DenseNet CNN branch")
+        network.load_cnn_weights(path)
+    return network
