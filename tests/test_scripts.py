@@ -23,3 +23,16 @@ def test_check_dataset_counts_and_missing_files(nih_dir, tmp_path, capsys):
     assert "Hernia" in capsys.readouterr().out
     assert check.main(args + ["--images_dir", str(nih_dir / "images_full")]) == 1  # 319 images are not there
     assert len(json.loads(out.read_text())["missing"]) == 319
+
+
+def test_benchmark_reports_ratios_to_the_reference(tmp_path, capsys):
+    bench = _script("benchmark")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--networks", "medfusionnet:tiny", "densenet121", "--image_size", "64", "--batch_size", "2",
+                       "--rounds", "1", "--device", "cpu", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    ref, tiny = report["results"]["densenet121"], report["results"]["medfusionnet:tiny"]
+    assert ref["train_ratio"] == 1.0 and ref["gmacs_ratio"] == 1.0
+    assert tiny["gmacs_ratio"] == tiny["gmacs"] / ref["gmacs"] and tiny["params_m"] < ref["params_m"]
+    assert abs(ref["params_m"] - 6.96) < 0.01  # DenseNet-121 with a 1-channel stem and the tabular head
+    assert "medfusionnet:tiny" in capsys.readouterr().out

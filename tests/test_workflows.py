@@ -30,7 +30,7 @@ def _rows(path):
 
 def _check_training_outputs(out, num_val_images_min=1):
     state = torch.load(out / "model.pt", weights_only=True)  # a plain state dict of the best epoch
-    net = medfusionnet.create_network(json.loads((out / "run_settings.json").read_text())["network_name"])
+    net = medfusionnet.create_network(**json.loads((out / "run_settings.json").read_text())["network_args"])
     net.load_state_dict(state)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["per_class"]) == set(medfusionnet.LABELS)
@@ -66,6 +66,36 @@ def test_demo_train_evaluate_infer(tmp_path):
     assert (out / "eval" / "roc.png").stat().st_size > 0
     assert len(_rows(out / "eval" / "predictions.csv")) == report["num_images"]
 
+    # TorchScript export of the trained model matches eager mode
+    bundle("ckpt_export", "network_def", "--filepath", out / "model.ts", "--ckpt_file", out / "model.pt",
+           "--meta_file", "metadata.json", "--config_file", "configs/inference.yaml", "--output_dir", out)
+    scripted = torch.jit.load(str(out / "model.ts"))
+    settings = json.loads((out / "run_settings.json").read_text())
+    eager = medfusionnet.create_network(**settings["network_args"]).eval()
+    eager.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    image = torch.rand(3, 1, settings["image_size"], settings["image_size"])
+    tabular = torch.zeros(3, medfusionnet.NUM_TABULAR_FEATURES)
+    with torch.no_grad():
+        assert (scripted(image, tabular) - eager(image, tabular)).abs().max() < 1e-4
+        assert (scripted(image) - eager(image)).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["--network_name", "densenet121"],
+    ["--network_size", "tiny", "--fusion", "concat", "--branches", "['cnn','relational']", "--fpn", "False"],
+    ["--network_size", "tiny", "--interaction", "False", "--use_tabular", "False", "--class_reweighting", "False"],
+])
+def test_networks_and_ablations_selected_by_overrides(tmp_path, overrides):
+    out = tmp_path / "run"
+    bundle("run", "training", "--config_file", "configs/train.yaml", "--output_dir", out,
+           "--demo_dir", tmp_path / "demo", "--max_epochs", 1, "--num_workers", 0, *overrides)
+    args = json.loads((out / "run_settings.json").read_text())["network_args"]
+    for flag, value in zip(overrides[::2], overrides[1::2]):
+        key = {"--network_name": "name", "--network_size": "size"}.get(flag, flag[2:])
+        assert str(args[key]).replace(" ", "").replace('"', "'") == value.replace("False", "False")
+    _check_training_outputs(out)
+
 
 @pytest.mark.slow
 def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
@@ -97,7 +127,7 @@ def test_two_process_cpu_training_with_torchrun(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
          "training", "--config_file", "['configs/train.yaml','configs/multi_gpu_train.yaml']", "--max_epochs", "1",
          "--output_dir", str(out), "--demo_dir", str(tmp_path / "demo"), "--num_workers", "0"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     metrics = _check_training_outputs(out)  # the state dict has no DistributedDataParallel "module." prefix
@@ -105,3 +135,17 @@ def test_two_process_cpu_training_with_torchrun(tmp_path):
     from medfusionnet.data import prepare_datasets
 
     assert metrics["num_images"] == len(prepare_datasets(None, demo_dir=str(tmp_path / "demo")).val)
+
+
+def test_cnn_weights_helper(tmp_path):
+    from monai.networks.nets import DenseNet121
+
+    from medfusionnet.workflows import with_cnn_weights
+
+    path = tmp_path / "densenet.pt"
+    reference = DenseNet121(spatial_dims=2, in_channels=1, out_channels=14)
+    torch.save(reference.state_dict(), path)
+    net = with_cnn_weights(medfusionnet.create_network("medfusionnet"), str(path))
+    torch.testing.assert_close(net.stem[0].weight, reference.features.conv0.weight)
+    with pytest.raises(ValueError, match="no DenseNet CNN branch"):
+        with_cnn_weights(medfusionnet.create_network("densenet121"), str(path))
