@@ -49,6 +49,15 @@ def test_verify_metadata_and_network():
     assert "verified with no error" in log
 
 
+def test_verify_net_in_out_with_tabular_input(monkeypatch):
+    from monai.bundle import verify_net_in_out
+
+    monkeypatch.chdir(REPO)  # the configs' macros name files relative to the bundle root
+    for tabular in (None, torch.zeros(1, medfusionnet.NUM_TABULAR_FEATURES)):
+        verify_net_in_out("network_def", meta_file="metadata.json", config_file="configs/inference.yaml",
+                          extra_forward_args={"tabular": tabular}, output_dir=str(REPO / "no_such_run"))
+
+
 @pytest.mark.slow
 def test_demo_train_evaluate_infer(tmp_path):
     out = tmp_path / "run"
