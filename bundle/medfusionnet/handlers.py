@@ -299,3 +299,38 @@ class LossProgressBar:
     def attach(self, engine: Engine) -> None:
         """Attach the bar to ``engine``, showing ``loss`` from its output."""
         self.bar.attach(engine, output_transform=from_engine(["loss"], first=True))
+
+
+class CurriculumHandler:
+    """Anneals a balanced sampler from balanced to natural sampling, and advances its epoch.
+
+    At the start of epoch ``e`` the sampler's exponent is ``start + (end - start) * min((e - 1) / epochs, 1)``:
+    ``start`` (1, balanced) in the first epoch, ``end`` (0, natural) from epoch ``epochs + 1`` on. ``epochs`` 0
+    keeps ``start`` throughout. The exponent is logged and kept in ``engine.state.curriculum_power``.
+    """
+
+    def __init__(self, sampler, epochs: int, start_power: float = 1.0, end_power: float = 0.0):
+        if epochs < 0:
+            raise ValueError(f"curriculum epochs={epochs} must be 0 or more")
+        self.sampler = sampler
+        self.epochs = int(epochs)
+        self.start_power = float(start_power)
+        self.end_power = float(end_power)
+
+    def power_at(self, epoch: int) -> float:
+        """The exponent used in (1-based) ``epoch``."""
+        if self.epochs == 0:
+            return self.start_power
+        t = min(max(epoch - 1, 0) / self.epochs, 1.0)
+        return self.start_power + (self.end_power - self.start_power) * t
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine``'s epoch start."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+
+    def _epoch_started(self, engine: Engine) -> None:
+        power = self.power_at(engine.state.epoch)
+        self.sampler.set_power(power)
+        self.sampler.set_epoch(engine.state.epoch)
+        engine.state.curriculum_power = power
+        logger.info("epoch %d: sampling exponent %.3f (1 balanced, 0 natural)", engine.state.epoch, power)

@@ -22,20 +22,23 @@ def is_main_process() -> bool:
 
 
 def data_loader(
-    dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0, seed: int = 0, train: bool = False
+    dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0, seed: int = 0, train: bool = False,
+    sampler=None,
 ) -> DataLoader:
     """A MONAI `DataLoader` that drops unreadable images from batches (`collate_skipping_unreadable`).
 
     For evaluation, batches left empty are skipped (`SkipEmptyBatches`); for training (``train=True``) they raise an
     error naming the files, since the trainer needs a fixed number of iterations per epoch. In a distributed run
-    each rank reads its own shard through a `DistributedSampler` (which also does the shuffling).
+    each rank reads its own shard through a `DistributedSampler` (which also does the shuffling). A given
+    ``sampler`` (e.g. `samplers.BalancedMultilabelSampler`, which shards by rank itself) replaces both.
     """
     if int(batch_size) < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
     if int(num_workers) < 0:
         raise ValueError(f"num_workers={num_workers} must be 0 or more")
-    sampler = None
-    if is_distributed():
+    if sampler is not None:
+        shuffle = False
+    elif is_distributed():
         # evaluation shards may be uneven, so no image is counted twice; training needs equal shards for DDP
         sampler = DistributedSampler(dataset, even_divisible=train, shuffle=shuffle, seed=seed)
         shuffle = False
