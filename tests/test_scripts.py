@@ -36,3 +36,18 @@ def test_benchmark_reports_ratios_to_the_reference(tmp_path, capsys):
     assert tiny["gmacs_ratio"] == tiny["gmacs"] / ref["gmacs"] and tiny["params_m"] < ref["params_m"]
     assert abs(ref["params_m"] - 6.96) < 0.01  # DenseNet-121 with a 1-channel stem and the tabular head
     assert "medfusionnet:tiny" in capsys.readouterr().out
+
+
+def test_imbalance_study_summary_by_hand():
+    study = _script("imbalance_study")
+
+    def report(auc, recall_a, recall_b):
+        return {"mean": {"auc": auc, "f1": 0.5, "gmean": 0.6},
+                "per_class": {"A": {"sensitivity": recall_a}, "B": {"sensitivity": recall_b}}}
+
+    summary = study.summarize({"toolkit": [report(0.7, 1.0, 0.5), report(0.8, 0.0, None)]}, ["A", "B"])
+    figures = summary["toolkit"]
+    assert abs(figures["mean AUC"]["mean"] - 0.75) < 1e-9 and abs(figures["mean AUC"]["std"] - 0.05) < 1e-9
+    assert figures["rare recall"]["runs"] == [0.75, 0.0]  # an undefined recall (no positive) is left out
+    assert abs(figures["recall B"]["mean"] - 0.5) < 1e-9
+    assert set(study.SETTINGS) == {"baseline", "toolkit"}
