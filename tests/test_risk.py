@@ -1,0 +1,209 @@
+import importlib.util
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import roc_auc_score
+
+from conftest import DATA, NIH, REPO, require
+from medfusionnet import risk
+from medfusionnet.constants import LABELS
+from medfusionnet.data import read_nih_csv
+
+CERVICAL = DATA / "cervical" / "risk_factors_cervical_cancer.csv"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cervical():
+    return risk.read_risk_csv(require(CERVICAL), risk.CERVICAL_OUTCOMES)
+
+
+def _synthetic(n=600, cut=37, noise=0.05, seed=0):
+    """Outcome = (x > cut), flipped for a fraction ``noise`` of rows; two pure-noise columns beside it."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(18, 70, n).astype(float)
+    y = (x > cut).astype(int)
+    flip = rng.random(n) < noise
+    y[flip] = 1 - y[flip]
+    X = pd.DataFrame({"x": x, "noise_a": rng.normal(size=n), "noise_b": rng.integers(0, 3, n).astype(float)})
+    return X, y
+
+
+def test_cervical_csv_parses_with_the_documented_counts(cervical):
+    X, Y = cervical
+    assert len(X) == 858 and X.shape[1] + Y.shape[1] == 36
+    assert int(X.isna().sum().sum()) == 3622  # every '?' cell, none in the outcomes
+    assert Y.sum().to_dict() == {"Hinselmann": 35, "Schiller": 74, "Citology": 44, "Biopsy": 55}
+    assert X["Age"].min() == 13 and X["Age"].max() == 84
+
+
+def test_threshold_search_recovers_a_known_cut_point():
+    X, y = _synthetic()
+    found = risk.search_threshold(X["x"].to_numpy(), y)
+    assert abs(found["threshold"] - 37.5) <= 1.0 and found["direction"] == ">"
+    # the refined rule's score is the ROC-AUC of the 0/1 rule, as scikit-learn computes it
+    assert found["score"] == pytest.approx(roc_auc_score(y, X["x"] > found["threshold"]))
+    model = risk.TwoStageRiskModel(top_n=1).fit(X, y)
+    assert model.selected_features_ == ["x"] and model.stage1_[0]["feature"] == "x"
+    f1 = risk.search_threshold(X["x"].to_numpy(), y, score="f1")
+    assert abs(f1["threshold"] - 37.5) <= 1.0
+
+
+def test_rule_scores_flip_a_protective_rule():
+    x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1, 1, 0, 0])
+    scores, directions = risk.rule_scores(x, y, np.array([2.5]))
+    assert scores[0] == 1.0 and directions[0] == "<="
+    f1, direction = risk.rule_scores(x, y, np.array([2.5]), "f1")
+    assert f1[0] == 1.0 and direction[0] == "<="
+
+
+def test_preprocessing_drops_and_imputes():
+    X = pd.DataFrame({"a": [1.0, np.nan, 3.0, 10.0], "empty": [np.nan, np.nan, np.nan, 1.0], "const": [2.0] * 4})
+    pre = risk.RiskPreprocessor().fit(X)
+    assert pre.columns_ == ["a"] and set(pre.dropped_) == {"empty", "const"}
+    assert pre.transform(X)["a"].tolist() == [1.0, 3.0, 3.0, 10.0]  # median of 1, 3, 10
+    ffill = risk.RiskPreprocessor(imputation="ffill").fit(X)
+    assert ffill.transform(X)["a"].tolist() == [1.0, 1.0, 3.0, 10.0]
+    assert ffill.transform(X.iloc[[1, 0]])["a"].tolist() == [3.0, 1.0]  # a leading gap takes the median
+    with pytest.raises(ValueError, match="imputation='mean'"):
+        risk.RiskPreprocessor(imputation="mean").fit(X)
+
+
+def test_cross_validation_fits_everything_inside_the_folds(cervical):
+    X, Y = cervical
+    result = risk.cross_validate(X, Y, {"two_stage": risk.TwoStageRiskModel()}, outcomes=["Biopsy"], repeats=1,
+                                 keep_models=True)
+    assert len(result["folds"]) == 5 and len(result["scores"]) == 5
+    for _, _, train, fitted in result["folds"]:
+        expected = X.iloc[train][fitted.preprocessor_.columns_].median()
+        assert fitted.preprocessor_.medians_ == pytest.approx(expected.to_dict())
+        assert fitted.prevalence_ == pytest.approx(Y["Biopsy"].iloc[train].mean())
+        assert sum(leaf["n"] for leaf, _ in risk.iter_leaves(fitted.nodes_)) == len(train)
+    assert "Biopsy" in result["roc"] and result["scores"]["auc"].between(0, 1).all()
+
+
+def test_json_round_trip_predicts_identically(cervical, tmp_path):
+    X, Y = cervical
+    features = risk.outcome_features(X, Y, "Biopsy", with_screening=True)
+    assert {"Hinselmann", "Schiller", "Citology"} <= set(features.columns) and "Biopsy" not in features.columns
+    model = risk.TwoStageRiskModel().fit(features, Y["Biopsy"])
+    risk.save_models(tmp_path / "model.json", {"Biopsy": model}, with_screening=True)
+    document = json.loads((tmp_path / "model.json").read_text())
+    assert document["outcomes"]["Biopsy"]["preprocessing"]["medians"]["Age"] == X["Age"].median()
+    loaded = risk.load_models(tmp_path / "model.json")["Biopsy"]
+    assert loaded.tree_ is None  # prediction runs from the JSON rules alone
+    np.testing.assert_array_equal(loaded.predict_proba(features), model.predict_proba(features))
+    np.testing.assert_array_equal(loaded.predict_risk(features), model.predict_risk(features))
+    # the JSON routing agrees with scikit-learn's own tree
+    reference = model.tree_.apply(model.preprocessor_.transform(features)[model.selected_features_].to_numpy())
+    np.testing.assert_array_equal(risk.apply_nodes(model.nodes_, model.preprocessor_.transform(features)), reference)
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="other.json"):
+        risk.load_models(tmp_path / "other.json")
+
+
+def test_risk_levels_are_monotone_on_training_data(cervical):
+    X, Y = cervical
+    for outcome in ("Biopsy", "Schiller"):
+        for with_screening in (False, True):
+            features = risk.outcome_features(X, Y, outcome, with_screening)
+            model = risk.TwoStageRiskModel().fit(features, Y[outcome])
+            rates = risk.level_rates(model, features, Y[outcome]).dropna()["rate"].to_numpy()
+            assert len(rates) >= 2 and np.all(np.diff(rates) > 0), (outcome, with_screening, rates)
+
+
+def test_estimator_conventions():
+    X, y = _synthetic(n=200)
+    model = risk.TwoStageRiskModel(top_n=2, max_depth=2)
+    with pytest.raises(NotFittedError):
+        model.predict(X)
+    copy = clone(model)
+    assert copy.get_params() == model.get_params() and not hasattr(copy, "nodes_")
+    assert model.set_params(**model.get_params()) is model
+    assert model.fit(X, y) is model and model.predict_proba(X).shape == (200, 2)
+    np.testing.assert_array_equal(model.predict(X.to_numpy()), model.predict(X))  # arrays use the fit's column order
+    assert model.score(X, y) > 0.9  # ClassifierMixin accuracy on an almost separable rule
+    with pytest.raises(ValueError, match="stage1_score='gini'"):
+        risk.TwoStageRiskModel(stage1_score="gini").fit(X, y)
+
+
+def test_bins_describe_thresholds():
+    bins = risk.load_bins()
+    assert {"Age", "Number of sexual partners", "First sexual intercourse", "age"} <= set(bins)
+    assert risk.describe_rule("Age", ">", 37.5, bins) == "Age > 37.5 (threshold in bin 35-44)"
+    assert risk.discretise([17, 18, 60], bins["Age"]).tolist() == ["<18", "18-24", ">=55"]
+    with pytest.raises(ValueError, match="'Age'.*2 labels"):
+        risk.validate_bins({"Age": {"edges": [0, 10, 20, 30], "labels": ["a", "b"]}}, "cfg.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, outcomes, match",
+    [
+        ("a,b\n1,0\n2,1\n", ["y"], r"outcome column\(s\) \['y'\] not found"),
+        ("a,y\n1,0\n?,1\nabc,0\n", ["y"], r"line 4, column 'a': value 'abc'"),
+        ("a,y\n1,0\n2,0\n", ["y"], r"outcome column 'y' has a single class"),
+        ("a,y\n1,0\n2,?\n", ["y"], r"line 3, outcome column 'y'"),
+        ("", ["y"], r"bad\.csv: the file is empty"),
+    ],
+)
+def test_bad_input_errors(tmp_path, text, outcomes, match):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        risk.read_risk_csv(path, outcomes)
+
+
+def test_sentinels_become_missing(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("a,b,y\n?,1,0\n NA ,nan,1\n,2,0\n3,NaN,1\n")
+    X, Y = risk.read_risk_csv(path, ["y"])
+    assert X["a"].isna().tolist() == [True, True, True, False] and X["b"].isna().sum() == 2
+    assert Y["y"].tolist() == [0, 1, 0, 1]
+
+
+def test_nih_tables():
+    frame = read_nih_csv(require(NIH / "labels.csv"))
+    X, Y = risk.nih_tables(frame)
+    assert list(X.columns) == list(risk.NIH_FEATURES) and list(Y.columns) == list(LABELS)
+    assert X["sex_M"].sum() == 247 and X["view_PA"].sum() == 394
+    assert int(Y["Infiltration"].sum()) == 92
+
+
+def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
+    build = _script("build_risk_model")
+    out = tmp_path / "cervical"
+    assert build.main(["--csv", str(require(CERVICAL)), "--output_dir", str(out), "--repeats", "1",
+                       "--outcomes", "Biopsy", "Schiller", "--with_screening", "--export_tabular"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"model.json", "patients.csv", "report.md", "roc_curves.png", "tabular_features.csv",
+            "tree_Biopsy.png", "tree_Schiller.png"} <= names
+    patients = pd.read_csv(out / "patients.csv")
+    assert len(patients) == 858 and set(patients["Biopsy_level"]) <= set(risk.RISK_LEVELS)
+    report = (out / "report.md").read_text()
+    assert "(a) risk factors only" in report and "(b) with screening results" in report
+    assert "random_forest" in report and "gradient_boosting" in report
+    loaded = risk.load_models(out / "model.json")
+    X, Y = risk.read_risk_csv(CERVICAL, ["Biopsy", "Schiller"])
+    np.testing.assert_allclose(loaded["Biopsy"].predict_proba(risk.outcome_features(X, Y, "Biopsy", True))[:, 1],
+                               patients["Biopsy_probability"])
+    assert "AUC (b)" in capsys.readouterr().out
+
+
+def test_script_runs_on_nih_metadata(tmp_path):
+    build = _script("build_risk_model")
+    out = tmp_path / "nih"
+    assert build.main(["--csv", str(require(NIH / "labels.csv")), "--nih", "--output_dir", str(out),
+                       "--repeats", "1", "--outcomes", "Infiltration", "Effusion"]) == 0
+    model = json.loads((out / "model.json").read_text())
+    assert set(model["outcomes"]) == {"Infiltration", "Effusion"}
+    assert len(pd.read_csv(out / "patients.csv")) == 469
