@@ -22,9 +22,7 @@ class TabularMLP(nn.Module):
         super().__init__()
         self.num_tabular_features = num_tabular_features
         self.mlp = nn.Sequential(nn.Linear(num_tabular_features, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim))
-        missing = torch.zeros(num_tabular_features)
-        if num_tabular_features == NUM_TABULAR_FEATURES:
-            missing = torch.from_numpy(missing_tabular_vector())
+        missing = torch.from_numpy(missing_tabular_vector(num_tabular_features))
         self.register_buffer("missing_input", missing, persistent=False)
 
     def forward(self, tabular: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from monai.handlers import IgniteMetricHandler, from_engine
 
 from .constants import KEY_IMAGE, KEY_LABEL, KEY_NAME, KEY_PRED, LABELS
 from .metrics import MultiLabelAUC, MultiLabelAUPRC, MultiLabelThresholdMetric, summarize
+from .workflows import is_distributed, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -82,17 +83,11 @@ def load_thresholds(path: str | None, labels: Sequence[str] = LABELS) -> list[fl
 
 
 def _gather(values: list) -> list:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         parts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, values)
         return [v for part in parts for v in part]
     return values
-
-
-def _is_writer() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
 
 
 class _OutputCollector(ABC):
@@ -133,7 +128,7 @@ class _OutputCollector(ABC):
 
     def _epoch_completed(self, engine: Engine) -> None:
         rows = self._gathered()
-        if _is_writer() and rows:
+        if is_main_process() and rows:
             self.write(engine, rows)
 
     @abstractmethod

@@ -225,9 +225,7 @@ class MedFusionNet(nn.Module):
         self.tabular_tokens = (
             TabularTokenizer(nih_tabular_fields(num_tabular_features), dim) if use_tabular else None
         )
-        missing = torch.zeros(num_tabular_features)
-        if num_tabular_features == NUM_TABULAR_FEATURES:
-            missing = torch.from_numpy(missing_tabular_vector())
+        missing = torch.from_numpy(missing_tabular_vector(num_tabular_features))
         self.register_buffer("missing_tabular", missing, persistent=False)
         num_groups = num_levels + (1 if use_tabular else 0)
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .workflows import is_distributed
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,7 +68,7 @@ class BalancedMultilabelSampler(Sampler[int]):
     def __init__(self, labels, power: float = 1.0, max_repeats: int = 3, no_finding_factor: float = 0.5,
                  num_samples: int | None = None, num_replicas: int | None = None, rank: int | None = None,
                  seed: int = 0):
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        distributed = is_distributed()
         self.num_replicas = num_replicas or (torch.distributed.get_world_size() if distributed else 1)
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
         if not 0 <= self.rank < self.num_replicas:

@@ -87,11 +87,14 @@ def parse_follow_up(value) -> float:
     return number if number >= 0 and math.isfinite(number) else float("nan")
 
 
-def missing_tabular_vector() -> np.ndarray:
+def missing_tabular_vector(num_features: int = NUM_TABULAR_FEATURES) -> np.ndarray:
     """The encoding of a record with every field missing: zero values, all missing indicators set.
 
-    It does not depend on the fitted scaling, so networks use it for ``tabular=None``.
+    It does not depend on the fitted scaling, so networks use it for ``tabular=None``. For another feature layout
+    (``num_features`` other than this encoder's) it is all zeros.
     """
+    if num_features != NUM_TABULAR_FEATURES:
+        return np.zeros(num_features, dtype=np.float32)
     return np.array([1.0 if name.endswith("_missing") else 0.0 for name in FEATURE_NAMES], dtype=np.float32)
 
 
