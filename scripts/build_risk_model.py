@@ -3,12 +3,15 @@
     python scripts/build_risk_model.py --csv risk_factors_cervical_cancer.csv --output_dir out [--with_screening]
     python scripts/build_risk_model.py --csv labels.csv --nih --output_dir out
 
-Writes to ``--output_dir``: ``model.json`` (rules, loadable without pickle), ``patients.csv`` (risk level and
-probability per outcome per row), ``report.md`` (thresholds, cross-validated metrics against reference models,
-positive rate per risk level), ``tree_<outcome>.png``, ``roc_curves.png`` and, with ``--export_tabular``,
-``tabular_features.csv``. ``--with_screening`` evaluates both settings, (a) risk factors only and (b) with the other
-outcomes as features, and saves the model of setting (b). ``--config`` is a YAML file with optional ``bins:``
-(see medfusionnet/risk_bins.yaml) and ``params:`` (TwoStageRiskModel arguments).
+Cross-validates both stage-2 kinds (``two_stage_tree``, the paper's readable tree, and ``two_stage_forest``) against
+reference models, then fits the ``--stage2`` kind (default: forest) on all rows. Writes to ``--output_dir``:
+``model.json`` (loadable without pickle), ``patients.csv`` (risk level and probability per outcome per row),
+``report.md`` (selected thresholds, the readable tree's rules, cross-validated metrics, positive rate per risk level
+out of fold and on the training data), ``tree_<outcome>.png`` (the readable stage-2 tree), ``roc_curves.png`` and,
+with ``--export_tabular``, ``tabular_features.csv``. ``--with_screening`` evaluates both settings, (a) risk factors
+only and (b) with the other outcomes as features, and saves the model of setting (b). ``--config`` is a YAML file
+with optional ``bins:`` (see medfusionnet/risk_bins.yaml) and ``params:`` (TwoStageRiskModel arguments for the
+``--stage2`` kind).
 """
 
 from __future__ import annotations
@@ -31,20 +34,21 @@ SETTINGS = {False: "(a) risk factors only", True: "(b) with screening results"}
 
 
 def load_data(csv, nih=False, outcomes=None, features=None):
-    """``(X, Y, ids)`` from a cervical-style CSV or, with ``nih``, an NIH Data_Entry CSV."""
+    """``(X, Y, ids, groups)`` from a cervical-style CSV or, with ``nih``, an NIH Data_Entry CSV (``groups``: the
+    patient ids that keep a patient's images in one CV fold; None for one row per patient)."""
     if nih:
         frame = read_nih_csv(csv)
         X, Y = risk.nih_tables(frame)
         X = X[features] if features else X
         Y = Y[outcomes] if outcomes else Y
-        return X, Y, frame["name"].rename("name")
+        return X, Y, frame["name"].rename("name"), frame["patient_id"].to_numpy()
     if not outcomes:
         header = pd.read_csv(csv, nrows=0).columns.str.strip()
         outcomes = [c for c in risk.CERVICAL_OUTCOMES if c in header]
         if not outcomes:
             raise ValueError(f"{csv}: none of the default outcomes {list(risk.CERVICAL_OUTCOMES)}; pass --outcomes")
     X, Y = risk.read_risk_csv(csv, outcomes, features)
-    return X, Y, pd.Series(range(2, len(X) + 2), name="csv_line")
+    return X, Y, pd.Series(range(2, len(X) + 2), name="csv_line"), None
 
 
 def fmt(summary: pd.DataFrame, outcome: str, model: str, metric: str) -> str:
@@ -53,30 +57,42 @@ def fmt(summary: pd.DataFrame, outcome: str, model: str, metric: str) -> str:
     return f"{row[metric + '_mean']:.3f} ± {row[metric + '_std']:.3f}"
 
 
-def write_report(path, args, models, results, level_tables, bins, n_rows):
-    """report.md: data, selected thresholds and tree rules, CV metrics per setting, positive rate per level."""
+def level_lines(title: str, table: pd.DataFrame) -> list[str]:
+    """A Markdown table of patients, positives and positive rate per risk level."""
+    lines = ["", title, "", "| level | n | positives | rate |", "|---|---|---|---|"]
+    return lines + [f"| {r.level} | {r.n} | {r.positives} | {'' if pd.isna(r.rate) else f'{r.rate:.3f}'} |"
+                    for r in table.itertuples()]
+
+
+def write_report(path, args, models, trees, results, level_tables, bins, n_rows, grouped=False):
+    """report.md: data, thresholds and the readable tree's rules, CV metrics per setting, positive rate per level."""
+    saved = f"two_stage_{args.stage2}"
     lines = [f"# Two-stage risk model: {os.path.basename(args.csv)}", "",
-             f"{n_rows} rows; {args.repeats} x repeated stratified 5-fold CV (seed {args.seed}); every step refitted "
+             f"{n_rows} rows; {args.repeats} x repeated stratified 5-fold CV (seed {args.seed}"
+             + ("; grouped by patient" if grouped else "") + "); every step refitted "
              "inside each fold. Thresholded metrics call a row positive when its probability >= the training "
-             "prevalence.", ""]
+             f"prevalence. The saved model is `{saved}` ({SETTINGS[args.with_screening]}).", ""]
     for outcome, model in models.items():
         lines += [f"## {outcome}", "", f"Prevalence {model.prevalence_:.3f}; cut points low < "
                   f"{model.cut_points_['low']:.3f} <= medium < {model.cut_points_['high']:.3f} <= high.", "",
                   "Dropped columns: " + (", ".join(f"{c} ({r})" for c, r in model.preprocessor_.dropped_.items())
-                                         or "none"), "", "| rank | stage-1 rule | score |", "|---|---|---|"]
-        for rank, r in enumerate(model.stage1_[: model.top_n], 1):
+                                         or "none"), "",
+                  f"Stage 1 kept {len(model.selected_features_)} feature(s) (top_n {model.top_n_}"
+                  + (f", chosen by inner CV AUC {model.top_n_scores_}" if model.top_n_scores_ else "") + ").", "",
+                  "| rank | stage-1 rule | score |", "|---|---|---|"]
+        for rank, r in enumerate(model.stage1_[: len(model.selected_features_)], 1):
             rule = risk.describe_rule(r["feature"], r["direction"], r["threshold"], bins)
             lines.append(f"| {rank} | {rule} | {r['score']:.3f} ({model.stage1_score}) |")
-        lines += ["", "Stage-2 leaves (training data):", "", "| rule | n | positive rate | level |",
-                  "|---|---|---|---|"]
-        for leaf, conditions in risk.iter_leaves(model.nodes_):
+        tree = trees[outcome]
+        lines += ["", "Readable stage-2 tree (`two_stage_tree` on all rows; training data):", "",
+                  "| rule | n | positive rate | level |", "|---|---|---|---|"]
+        for leaf, conditions in risk.iter_leaves(tree.nodes_):
             rule = " and ".join(risk.describe_rule(f, op, t, bins) for f, op, t in conditions) or "all patients"
             lines.append(f"| {rule} | {leaf['n']} | {leaf['rate']:.3f} | {leaf['level']} |")
-        table = level_tables[outcome]
-        lines += ["", "Positive rate per risk level (training data):", "", "| level | n | positives | rate |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r.level} | {r.n} | {r.positives} | {'' if pd.isna(r.rate) else f'{r.rate:.3f}'} |"
-                  for r in table.itertuples()]
+        for with_screening, result in results.items():
+            lines += level_lines(f"Positive rate per risk level of `{saved}`, out of fold (first CV repeat), "
+                                 f"{SETTINGS[with_screening]}:", result["levels"][outcome][saved])
+        lines += level_lines(f"Positive rate per risk level of `{saved}` on its training data:", level_tables[outcome])
         lines.append("")
     for with_screening, result in results.items():
         summary = risk.summarize_scores(result["scores"])
@@ -101,7 +117,8 @@ def _pyplot():
 
 
 def plot_trees(models, output_dir):
-    """One PNG per outcome with scikit-learn's `plot_tree` (a note when stage 1 selected nothing)."""
+    """One PNG per outcome with scikit-learn's `plot_tree` of the readable stage-2 tree (a note when stage 1
+    selected nothing)."""
     for outcome, model in models.items():
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(14, 7))
@@ -149,6 +166,7 @@ def main(argv=None) -> int:
     parser.add_argument("--nih", action="store_true", help="read --csv as an NIH Data_Entry CSV")
     parser.add_argument("--with_screening", action="store_true", help="also evaluate and save setting (b)")
     parser.add_argument("--export_tabular", action="store_true", help="write tabular_features.csv")
+    parser.add_argument("--stage2", choices=risk.STAGE2_KINDS, default="forest", help="kind of the saved model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     config = {}
@@ -156,35 +174,44 @@ def main(argv=None) -> int:
         with open(args.config) as f:
             config = yaml.safe_load(f) or {}
     bins = {**risk.load_bins(), **risk.validate_bins(config.get("bins") or {}, args.config or "config")}
-    params = {"random_state": args.seed, **(config.get("params") or {})}
-    X, Y, ids = load_data(args.csv, args.nih, args.outcomes or (list(LABELS) if args.nih else None), args.features)
+    kinds = {"tree": {"random_state": args.seed}, "forest": {**risk.FOREST_PARAMS, "random_state": args.seed}}
+    kinds[args.stage2].update(config.get("params") or {})
+    outcomes = args.outcomes or (list(LABELS) if args.nih else None)
+    X, Y, ids, groups = load_data(args.csv, args.nih, outcomes, args.features)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    candidates = {risk.MODEL_NAME: risk.TwoStageRiskModel(**params), **risk.comparison_models(
-        args.seed, params.get("max_depth", 3), params.get("min_samples_leaf", 20))}
+    candidates = {f"two_stage_{kind}": risk.TwoStageRiskModel(**params) for kind, params in kinds.items()}
+    candidates.update(risk.comparison_models(args.seed))
     results = {}
     # The folds refit the preprocessing hundreds of times; its "dropping column" lines are kept for the final fit.
     risk.logger.setLevel(logging.WARNING)
     for with_screening in sorted({False, args.with_screening}):
         results[with_screening] = risk.cross_validate(X, Y, candidates, with_screening=with_screening,
-                                                      repeats=args.repeats, seed=args.seed)
+                                                      repeats=args.repeats, seed=args.seed, groups=groups)
     risk.logger.setLevel(logging.NOTSET)
 
-    models, level_tables, patients = {}, {}, pd.DataFrame({ids.name: ids.to_numpy()})
+    models, trees, level_tables, patients = {}, {}, {}, pd.DataFrame({ids.name: ids.to_numpy()})
     for outcome in Y.columns:
         features = risk.outcome_features(X, Y, outcome, args.with_screening)
-        models[outcome] = risk.TwoStageRiskModel(**params).fit(features, Y[outcome])
+        models[outcome] = risk.TwoStageRiskModel(**kinds[args.stage2]).fit(features, Y[outcome])
+        trees[outcome] = (models[outcome] if args.stage2 == "tree"
+                          else risk.TwoStageRiskModel(**kinds["tree"]).fit(features, Y[outcome]))
         level_tables[outcome] = risk.level_rates(models[outcome], features, Y[outcome])
         patients[f"{outcome}_level"] = models[outcome].predict_risk(features)
         patients[f"{outcome}_probability"] = models[outcome].predict_proba(features)[:, 1]
     risk.save_models(os.path.join(args.output_dir, "model.json"), models, args.with_screening, bins)
     patients.to_csv(os.path.join(args.output_dir, "patients.csv"), index=False)
-    write_report(os.path.join(args.output_dir, "report.md"), args, models, results, level_tables, bins, len(X))
-    plot_trees(models, args.output_dir)
+    write_report(os.path.join(args.output_dir, "report.md"), args, models, trees, results, level_tables, bins,
+                 len(X), grouped=groups is not None)
+    plot_trees(trees, args.output_dir)
     plot_roc(results, args.output_dir)
     if args.export_tabular:
+        # The stage-1 selection of the readable model (top_n by inner CV), raw values with gaps left empty.
         everything = pd.concat([X, Y.astype(float)], axis=1)
-        selected = list(dict.fromkeys(f for m in models.values() for f in m.selected_features_))
+        for tree in trees.values():
+            for name, columns in tree.preprocessor_.indicators_.items():
+                everything[name] = everything[columns[0]].isna().astype(float)
+        selected = list(dict.fromkeys(f for m in trees.values() for f in m.selected_features_))
         tabular = everything[selected].copy()
         tabular.insert(0, ids.name, ids.to_numpy())
         tabular.to_csv(os.path.join(args.output_dir, "tabular_features.csv"), index=False)

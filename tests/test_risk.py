@@ -92,6 +92,63 @@ def test_cross_validation_fits_everything_inside_the_folds(cervical):
     assert "Biopsy" in result["roc"] and result["scores"]["auc"].between(0, 1).all()
 
 
+def test_missing_indicators_share_a_pattern_and_carry_signal():
+    rng = np.random.default_rng(1)
+    n = 400
+    skipped = rng.random(n) < 0.3  # patients who left a block of questions unanswered
+    y = (skipped & (rng.random(n) < 0.6)).astype(int)
+    X = pd.DataFrame({"stds": np.where(skipped, np.nan, rng.integers(0, 2, n)),
+                      "stds_number": np.where(skipped, np.nan, rng.integers(0, 3, n)),
+                      "rare": np.where(np.arange(n) < 360, np.nan, 1.0), "age": rng.integers(15, 60, n)})
+    pre = risk.RiskPreprocessor().fit(X)
+    assert pre.indicators_ == {"stds missing": ["stds", "stds_number"], "rare missing": ["rare"]}
+    assert "rare" in pre.dropped_ and pre.output_columns() == ["stds", "stds_number", "age", "stds missing",
+                                                                 "rare missing"]
+    out = pre.transform(X)
+    np.testing.assert_array_equal(out["stds missing"], skipped.astype(float))
+    assert not out.isna().any().any()
+    again = risk.RiskPreprocessor.from_dict(json.loads(json.dumps(pre.to_dict())))
+    pd.testing.assert_frame_equal(again.transform(X), out)
+    assert risk.RiskPreprocessor(missing_indicators=False).fit(X).output_columns() == ["stds", "stds_number", "age"]
+    model = risk.TwoStageRiskModel(top_n=1).fit(X, y)
+    assert model.selected_features_ == ["stds missing"]  # the gap pattern is the only signal
+
+
+def test_forest_stage2_round_trips_and_matches_scikit_learn(cervical, tmp_path):
+    X, Y = cervical
+    model = risk.TwoStageRiskModel(**{**risk.FOREST_PARAMS, "n_estimators": 25}).fit(X, Y["Biopsy"])
+    assert len(model.trees_) == 25 and model.top_n_ is None
+    assert len(model.selected_features_) == len(model.stage1_)
+    values = model.preprocessor_.transform(X)[model.selected_features_].to_numpy()
+    np.testing.assert_allclose(model.predict_proba(X), model.forest_.predict_proba(values), rtol=0, atol=1e-12)
+    risk.save_models(tmp_path / "forest.json", {"Biopsy": model})
+    loaded = risk.load_models(tmp_path / "forest.json")["Biopsy"]
+    assert loaded.forest_ is None and loaded.stage2 == "forest"
+    np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
+    np.testing.assert_array_equal(loaded.predict_risk(X), model.predict_risk(X))
+    first = model.forest_.estimators_[0]
+    np.testing.assert_array_equal(risk.apply_arrays(loaded.trees_[0], values), first.apply(values.astype(np.float32)))
+
+
+def test_top_n_auto_is_chosen_by_inner_cross_validation():
+    X, y = _synthetic(n=300)
+    model = risk.TwoStageRiskModel(top_n="auto", top_n_grid=(1, 3), max_depth=2).fit(X, y)
+    assert set(model.top_n_scores_) == {1, 3} and model.top_n_ == max(model.top_n_scores_, key=model.top_n_scores_.get)
+    assert model.top_n_scores_[1] > 0.85  # the single true cut point already ranks well on held-out rows
+    assert len(model.selected_features_) == model.top_n_
+
+
+def test_grouped_folds_keep_each_patient_on_one_side():
+    y = np.array([0, 1] * 30)
+    groups = np.repeat(np.arange(20), 3)  # three images per patient
+    folds = risk.fold_indices(y, n_splits=5, repeats=2, seed=0, groups=groups)
+    assert len(folds) == 10
+    for train, test in folds:
+        assert not set(groups[train]) & set(groups[test]) and 0 < y[test].mean() < 1
+    assert [t.tolist() for _, t in folds[:5]] != [t.tolist() for _, t in folds[5:]]  # repeats reshuffle
+    assert sorted(np.concatenate([t for _, t in folds[:5]]).tolist()) == list(range(60))
+
+
 def test_json_round_trip_predicts_identically(cervical, tmp_path):
     X, Y = cervical
     features = risk.outcome_features(X, Y, "Biopsy", with_screening=True)
@@ -114,12 +171,12 @@ def test_json_round_trip_predicts_identically(cervical, tmp_path):
 
 def test_risk_levels_are_monotone_on_training_data(cervical):
     X, Y = cervical
-    for outcome in ("Biopsy", "Schiller"):
-        for with_screening in (False, True):
-            features = risk.outcome_features(X, Y, outcome, with_screening)
-            model = risk.TwoStageRiskModel().fit(features, Y[outcome])
-            rates = risk.level_rates(model, features, Y[outcome]).dropna()["rate"].to_numpy()
-            assert len(rates) >= 2 and np.all(np.diff(rates) > 0), (outcome, with_screening, rates)
+    for outcome, with_screening, params in (("Biopsy", False, {}), ("Biopsy", True, {}), ("Schiller", False, {}),
+                                            ("Schiller", True, {}), ("Biopsy", False, risk.FOREST_PARAMS)):
+        features = risk.outcome_features(X, Y, outcome, with_screening)
+        model = risk.TwoStageRiskModel(**{**params, "n_estimators": 25}).fit(features, Y[outcome])
+        rates = risk.level_rates(model, features, Y[outcome]).dropna()["rate"].to_numpy()
+        assert len(rates) >= 2 and np.all(np.diff(rates) > 0), (outcome, with_screening, rates)
 
 
 def test_estimator_conventions():
@@ -135,6 +192,10 @@ def test_estimator_conventions():
     assert model.score(X, y) > 0.9  # ClassifierMixin accuracy on an almost separable rule
     with pytest.raises(ValueError, match="stage1_score='gini'"):
         risk.TwoStageRiskModel(stage1_score="gini").fit(X, y)
+    with pytest.raises(ValueError, match="stage2='boosting'"):
+        risk.TwoStageRiskModel(stage2="boosting").fit(X, y)
+    with pytest.raises(ValueError, match="top_n=0"):
+        risk.TwoStageRiskModel(top_n=0).fit(X, y)
 
 
 def test_bins_describe_thresholds():
@@ -191,7 +252,9 @@ def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
     assert len(patients) == 858 and set(patients["Biopsy_level"]) <= set(risk.RISK_LEVELS)
     report = (out / "report.md").read_text()
     assert "(a) risk factors only" in report and "(b) with screening results" in report
-    assert "random_forest" in report and "gradient_boosting" in report
+    assert "random_forest" in report and "gradient_boosting" in report and "| Biopsy | two_stage_tree |" in report
+    assert "Positive rate per risk level of `two_stage_forest`, out of fold (first CV repeat), (a)" in report
+    assert risk.load_models(out / "model.json")["Biopsy"].stage2 == "forest"
     loaded = risk.load_models(out / "model.json")
     X, Y = risk.read_risk_csv(CERVICAL, ["Biopsy", "Schiller"])
     np.testing.assert_allclose(loaded["Biopsy"].predict_proba(risk.outcome_features(X, Y, "Biopsy", True))[:, 1],

@@ -3,11 +3,14 @@
 Pipeline per outcome, all of it refitted inside every cross-validation fold:
 
 1. `read_risk_csv` (or `nih_tables` for NIH metadata): sentinels such as ``?`` become missing.
-2. `RiskPreprocessor`: drops almost-empty and constant columns, imputes the rest (median, or forward fill).
+2. `RiskPreprocessor`: adds missing-value indicators, drops almost-empty and constant columns, imputes the rest
+   (median, or forward fill).
 3. Stage 1 (`TwoStageRiskModel`): a shallow univariate decision tree per feature proposes thresholds; a grid search
-   around each proposal refines it on the AUC (or F1) of the binary rule; the top-N features are kept.
-4. Stage 2: a multivariate decision tree on the selected features; each leaf's training positive rate is the
-   patient's probability and maps to a risk level ``low`` / ``medium`` / ``high``.
+   around each proposal refines it on the AUC (or F1) of the binary rule; the top-N features are kept (N fixed,
+   all, or chosen by an inner cross-validation).
+4. Stage 2: a multivariate decision tree on the selected features (each leaf's training positive rate is the
+   patient's probability), or a random forest of such trees; the probability maps to a risk level ``low`` /
+   ``medium`` / ``high``.
 
 The fitted model is saved as human-readable JSON (`save_models`) and predicts from that JSON alone (`load_models`);
 no pickle. `discretise` and the bins in ``risk_bins.yaml`` only make the report's rules readable.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from importlib import resources
 
@@ -28,7 +32,7 @@ from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
-from sklearn.model_selection import RepeatedStratifiedKFold
+from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
@@ -198,7 +202,12 @@ def describe_rule(feature: str, op: str, threshold: float, bins: dict) -> str:
 
 
 class RiskPreprocessor(TransformerMixin, BaseEstimator):
-    """Drop unusable columns, then impute the rest.
+    """Add missing-value indicators, drop unusable columns, then impute the rest.
+
+    With ``missing_indicators`` every column that has gaps in the training data (dropped ones included) yields a
+    0/1 column ``"<column> missing"``: in survey-style clinical data a question left unanswered is itself a
+    signal (in the cervical data, the patients who skipped the STD questions). Columns with the same missing
+    pattern share one indicator, named after the first of them (``indicators_`` lists the columns it stands for).
 
     A column is dropped when its missing fraction exceeds ``max_missing_fraction`` or when its observed values
     are constant; the reason is logged and kept in ``dropped_``. ``imputation='median'`` fills with the training
@@ -207,12 +216,13 @@ class RiskPreprocessor(TransformerMixin, BaseEstimator):
     so it is offered for comparison only. Leading gaps that a forward fill cannot reach take the training median.
     """
 
-    def __init__(self, imputation: str = "median", max_missing_fraction: float = 0.8):
+    def __init__(self, imputation: str = "median", max_missing_fraction: float = 0.8, missing_indicators: bool = True):
         self.imputation = imputation
         self.max_missing_fraction = max_missing_fraction
+        self.missing_indicators = missing_indicators
 
     def fit(self, X, y=None):
-        """Learn ``columns_`` (kept), ``dropped_`` ({column: reason}) and ``medians_`` from ``X``."""
+        """Learn ``columns_`` (kept), ``dropped_`` ({column: reason}), ``indicators_`` and ``medians_`` from ``X``."""
         if self.imputation not in IMPUTATIONS:
             raise ValueError(f"imputation='{self.imputation}' is not supported; use one of {IMPUTATIONS}")
         X = _as_frame(X)
@@ -229,31 +239,50 @@ class RiskPreprocessor(TransformerMixin, BaseEstimator):
             logger.info("dropping column '%s': %s", column, reason)
         self.columns_ = [c for c in X.columns if c not in self.dropped_]
         self.medians_ = {c: float(X[c].median()) for c in self.columns_}
+        self.indicators_ = {}
+        if self.missing_indicators:
+            by_pattern = {}
+            for column in X.columns:
+                gaps = X[column].isna().to_numpy()
+                if 0 < gaps.sum() < len(gaps):
+                    by_pattern.setdefault(gaps.tobytes(), []).append(column)
+            self.indicators_ = {f"{columns[0]} missing": columns for columns in by_pattern.values()}
         return self
 
     def transform(self, X) -> pd.DataFrame:
-        """Kept columns of ``X`` with the gaps filled (a frame in ``columns_`` order)."""
+        """Kept columns of ``X`` with the gaps filled, then the indicators (a frame in `output_columns` order)."""
         check_is_fitted(self, "medians_")
         X = _as_frame(X, self.feature_names_in_)
-        absent = [c for c in self.columns_ if c not in X.columns]
+        needed = list(dict.fromkeys(self.columns_ + [cols[0] for cols in self.indicators_.values()]))
+        absent = [c for c in needed if c not in X.columns]
         if absent:
             raise ValueError(f"column(s) {absent} seen in fit are missing from the data to transform")
         out = X[self.columns_].astype(np.float64)
         if self.imputation == "ffill":
             out = out.ffill()
-        return out.fillna(self.medians_)
+        out = out.fillna(self.medians_)
+        for name, columns in self.indicators_.items():
+            out[name] = X[columns[0]].isna().astype(np.float64).to_numpy()
+        return out
+
+    def output_columns(self) -> list[str]:
+        """Names of `transform`'s columns: kept features, then missing-value indicators."""
+        check_is_fitted(self, "medians_")
+        return list(self.columns_) + list(self.indicators_)
 
     def to_dict(self) -> dict:
         """JSON-ready state."""
         return {"imputation": self.imputation, "max_missing_fraction": self.max_missing_fraction,
-                "feature_names_in": list(self.feature_names_in_), "columns": list(self.columns_),
-                "dropped": dict(self.dropped_), "medians": dict(self.medians_)}
+                "missing_indicators": self.missing_indicators, "feature_names_in": list(self.feature_names_in_),
+                "columns": list(self.columns_), "dropped": dict(self.dropped_), "medians": dict(self.medians_),
+                "indicators": {k: list(v) for k, v in self.indicators_.items()}}
 
     @classmethod
     def from_dict(cls, state: dict) -> RiskPreprocessor:
         """Rebuild a fitted preprocessor from `to_dict`'s output."""
-        pre = cls(state["imputation"], state["max_missing_fraction"])
+        pre = cls(state["imputation"], state["max_missing_fraction"], state["missing_indicators"])
         pre.columns_, pre.dropped_, pre.medians_ = list(state["columns"]), dict(state["dropped"]), state["medians"]
+        pre.indicators_ = {k: list(v) for k, v in state["indicators"].items()}
         pre.feature_names_in_ = np.asarray(state["feature_names_in"], dtype=object)
         return pre
 
@@ -372,6 +401,35 @@ def iter_leaves(nodes: dict, path=()):
     yield from iter_leaves(nodes["right"], path + ((f, ">", t),))
 
 
+def tree_to_arrays(tree: DecisionTreeClassifier) -> dict:
+    """A fitted tree as flat node arrays (scikit-learn's layout): ``feature`` (column index, -1 at leaves),
+    ``threshold``, ``left``, ``right`` (-1 at leaves) and ``probability`` (the leaf's positive-class fraction as
+    the tree weighs it, so a forest built from these arrays predicts exactly as scikit-learn's)."""
+    t = tree.tree_
+    value = t.value[:, 0, :]
+    leaf = t.children_left < 0
+    return {"feature": np.where(leaf, -1, t.feature).tolist(), "threshold": np.where(leaf, 0.0, t.threshold).tolist(),
+            "left": t.children_left.tolist(), "right": t.children_right.tolist(),
+            "probability": (value[:, 1] / value.sum(axis=1)).tolist()}
+
+
+def apply_arrays(arrays: dict, values: np.ndarray) -> np.ndarray:
+    """Leaf index of every row of ``values`` (columns in the forest's feature order) under `tree_to_arrays`' tree.
+
+    Values are compared as float32, like scikit-learn's trees."""
+    feature, threshold = np.asarray(arrays["feature"]), np.asarray(arrays["threshold"])
+    left, right = np.asarray(arrays["left"]), np.asarray(arrays["right"])
+    values = values.astype(np.float32).astype(np.float64)
+    node = np.zeros(len(values), dtype=np.int64)
+    active = np.flatnonzero(left[node] >= 0)
+    while active.size:
+        n = node[active]
+        go_left = values[active, feature[n]] <= threshold[n]
+        node[active] = np.where(go_left, left[n], right[n])
+        active = active[left[node[active]] >= 0]
+    return node
+
+
 def risk_level(rate: float, cut_points: dict) -> str:
     """``low`` below ``cut_points['low']``, ``high`` at or above ``cut_points['high']``, else ``medium``."""
     if rate < cut_points["low"]:
@@ -379,50 +437,98 @@ def risk_level(rate: float, cut_points: dict) -> str:
     return "high" if rate >= cut_points["high"] else "medium"
 
 
+STAGE2_KINDS: tuple[str, ...] = ("tree", "forest")
+# Stage 2 as a random forest of fully grown trees: a finer ranking than one readable tree (see docs/README.md).
+FOREST_PARAMS = {"stage2": "forest", "n_estimators": 200, "max_depth": None, "min_samples_leaf": 5,
+                 "class_weight": None, "top_n": None}
+
+
 class TwoStageRiskModel(ClassifierMixin, BaseEstimator):
     """Two-stage risk model for one binary outcome (scikit-learn estimator; ``y`` is 0/1).
 
-    Stage 1 (`search_threshold`) scores every preprocessed feature by its best single-threshold rule and keeps the
-    ``top_n`` best, ranked by ``stage1_score`` (``auc`` or ``f1`` of the rule; not named ``score``, which is
-    ClassifierMixin's accuracy method). Stage 2 fits a `DecisionTreeClassifier` (balanced class weights) on them.
-    A patient's probability is the unweighted positive rate of its leaf on the training data. Risk levels use cut points
-    relative to the training prevalence p: ``low`` when the leaf rate < ``low_factor * p`` (below the base rate),
-    ``high`` when it is >= ``high_factor * p`` (at least twice the base rate by default), ``medium`` between.
-    `predict` calls a patient positive when the leaf rate is at least the prevalence (levels medium and high), the
-    same rule the cross-validation applies to every compared model.
+    Preprocessing is `RiskPreprocessor` (with missing-value indicators by default). Stage 1 (`search_threshold`)
+    scores every preprocessed feature by its best single-threshold rule and keeps the ``top_n`` best, ranked by
+    ``stage1_score`` (``auc`` or ``f1`` of the rule; not named ``score``, which is ClassifierMixin's accuracy
+    method). ``top_n=None`` keeps every feature that stage 1 can split; ``top_n="auto"`` picks it from
+    ``top_n_grid`` by an inner stratified ``inner_folds``-fold cross-validation on the training data only.
 
-    Fitted attributes: ``preprocessor_``, ``stage1_`` (all scored features, best first), ``selected_features_``,
-    ``tree_`` (the scikit-learn tree, None after loading from JSON), ``nodes_``, ``prevalence_``, ``cut_points_``,
-    ``classes_``.
+    Stage 2 (``stage2``):
+
+    - ``"tree"`` (the paper's design): one `DecisionTreeClassifier` on the selected features; a patient's
+      probability is the unweighted positive rate of its leaf on the training data; the tree is readable as rules.
+    - ``"forest"``: a `RandomForestClassifier` of ``n_estimators`` trees on the selected features; the
+      probability is scikit-learn's forest probability. `FOREST_PARAMS` holds the settings used in the docs.
+
+    Risk levels use cut points relative to the training prevalence p: ``low`` when the probability < ``low_factor
+    * p`` (below the base rate), ``high`` when it is >= ``high_factor * p`` (at least twice the base rate by
+    default), ``medium`` between. `predict` calls a patient positive when the probability is at least the
+    prevalence, the same rule the cross-validation applies to every compared model.
+
+    Fitted attributes: ``preprocessor_``, ``stage1_`` (all scored features, best first), ``top_n_``,
+    ``top_n_scores_`` (inner-CV AUC per candidate with ``"auto"``), ``selected_features_``, ``prevalence_``,
+    ``cut_points_``, ``classes_``; for a tree ``tree_`` (the scikit-learn tree, None after loading from JSON) and
+    ``nodes_``; for a forest ``forest_`` (the scikit-learn forest, None after loading) and ``trees_`` (node arrays).
     """
 
-    def __init__(self, top_n=5, stage1_score="auc", stage1_max_depth=2, stage1_min_samples_leaf=10, grid_size=10,
-                 max_depth=3, min_samples_leaf=20, low_factor=1.0, high_factor=2.0, imputation="median",
-                 max_missing_fraction=0.8, random_state=0):
+    def __init__(self, top_n="auto", stage1_score="auc", stage1_max_depth=2, stage1_min_samples_leaf=10, grid_size=10,
+                 stage2="tree", n_estimators=200, max_depth=3, min_samples_leaf=20, class_weight="balanced",
+                 low_factor=1.0, high_factor=2.0, imputation="median", max_missing_fraction=0.8,
+                 missing_indicators=True, top_n_grid=(3, 5, 10, None), inner_folds=3, random_state=0):
         self.top_n = top_n
         self.stage1_score = stage1_score
         self.stage1_max_depth = stage1_max_depth
         self.stage1_min_samples_leaf = stage1_min_samples_leaf
         self.grid_size = grid_size
+        self.stage2 = stage2
+        self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.min_samples_leaf = min_samples_leaf
+        self.class_weight = class_weight
         self.low_factor = low_factor
         self.high_factor = high_factor
         self.imputation = imputation
         self.max_missing_fraction = max_missing_fraction
+        self.missing_indicators = missing_indicators
+        self.top_n_grid = top_n_grid
+        self.inner_folds = inner_folds
         self.random_state = random_state
 
     def fit(self, X, y):
         """Fit preprocessing, stage 1 and stage 2 on ``(X, y)``; returns self."""
         if self.stage1_score not in STAGE1_SCORES:
             raise ValueError(f"stage1_score='{self.stage1_score}' is not supported; use one of {STAGE1_SCORES}")
+        if self.stage2 not in STAGE2_KINDS:
+            raise ValueError(f"stage2='{self.stage2}' is not supported; use one of {STAGE2_KINDS}")
+        if not (self.top_n is None or self.top_n == "auto" or (isinstance(self.top_n, int) and self.top_n > 0)):
+            raise ValueError(f"top_n={self.top_n!r}: use a positive integer, None (all features) or 'auto'")
         X = _as_frame(X)
         y = np.asarray(y).astype(np.int64).ravel()
         _check_two_classes(pd.Series(y), "the training outcome")
         self.classes_ = np.array([0, 1])
         self.feature_names_in_ = np.asarray(X.columns, dtype=object)
-        self.preprocessor_ = RiskPreprocessor(self.imputation, self.max_missing_fraction).fit(X)
+        self.preprocessor_ = self._preprocessor().fit(X)
         Xp = self.preprocessor_.transform(X)
+        self.stage1_ = self._stage1(Xp, y)
+        self.top_n_scores_ = self._inner_scores(X, y) if self.top_n == "auto" else {}
+        self.top_n_ = max(self.top_n_scores_, key=self.top_n_scores_.get) if self.top_n_scores_ else self.top_n
+        self.selected_features_ = [r["feature"] for r in self.stage1_[: self.top_n_]]
+        self.prevalence_ = float(y.mean())
+        self.cut_points_ = {"low": self.low_factor * self.prevalence_, "high": self.high_factor * self.prevalence_}
+        self.tree_ = self.forest_ = self.nodes_ = self.trees_ = None
+        fitted = self._stage2(Xp, y, self.selected_features_)
+        if self.stage2 == "tree":
+            self.tree_ = fitted
+            self.nodes_ = tree_to_nodes(fitted, self.selected_features_) if fitted is not None else {"leaf": 0}
+            self._annotate_leaves(apply_nodes(self.nodes_, Xp), y)
+        else:
+            self.forest_ = fitted
+            self.trees_ = [tree_to_arrays(t) for t in fitted.estimators_] if fitted is not None else []
+        return self
+
+    def _preprocessor(self) -> RiskPreprocessor:
+        return RiskPreprocessor(self.imputation, self.max_missing_fraction, self.missing_indicators)
+
+    def _stage1(self, Xp: pd.DataFrame, y: np.ndarray) -> list:
         stage1 = []
         for column in Xp.columns:
             found = search_threshold(Xp[column].to_numpy(), y, self.stage1_max_depth, self.stage1_min_samples_leaf,
@@ -430,19 +536,41 @@ class TwoStageRiskModel(ClassifierMixin, BaseEstimator):
             if found is not None:
                 stage1.append({"feature": column, **found})
         stage1.sort(key=lambda r: -r["score"])  # stable: equal scores keep column order
-        self.stage1_ = stage1
-        self.selected_features_ = [r["feature"] for r in stage1[: self.top_n]]
-        self.prevalence_ = float(y.mean())
-        self.cut_points_ = {"low": self.low_factor * self.prevalence_, "high": self.high_factor * self.prevalence_}
-        if self.selected_features_:
-            self.tree_ = DecisionTreeClassifier(max_depth=self.max_depth, min_samples_leaf=self.min_samples_leaf,
-                                                class_weight="balanced", random_state=self.random_state)
-            self.tree_.fit(Xp[self.selected_features_].to_numpy(), y)
-            self.nodes_ = tree_to_nodes(self.tree_, self.selected_features_)
-        else:  # no feature splits the outcome: one leaf at the base rate
-            self.tree_, self.nodes_ = None, {"leaf": 0}
-        self._annotate_leaves(apply_nodes(self.nodes_, Xp), y)
-        return self
+        return stage1
+
+    def _stage2(self, Xp: pd.DataFrame, y: np.ndarray, features: list):
+        """The fitted scikit-learn stage-2 model on ``features``, or None when stage 1 selected nothing."""
+        if not features:
+            return None
+        if self.stage2 == "tree":
+            model = DecisionTreeClassifier(max_depth=self.max_depth, min_samples_leaf=self.min_samples_leaf,
+                                           class_weight=self.class_weight, random_state=self.random_state)
+        else:
+            model = RandomForestClassifier(n_estimators=self.n_estimators, max_depth=self.max_depth,
+                                           min_samples_leaf=self.min_samples_leaf, class_weight=self.class_weight,
+                                           random_state=self.random_state)
+        return model.fit(Xp[features].to_numpy(), y)
+
+    def _inner_scores(self, X: pd.DataFrame, y: np.ndarray) -> dict:
+        """Mean inner-CV AUC of each ``top_n_grid`` candidate, every step refitted on the inner training part."""
+        splitter = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state)
+        scores = {n: [] for n in self.top_n_grid}
+        for train, test in splitter.split(X, y):
+            pre = self._preprocessor().fit(X.iloc[train])
+            X_train, X_test = pre.transform(X.iloc[train]), pre.transform(X.iloc[test])
+            ranked = [r["feature"] for r in self._stage1(X_train, y[train])]
+            for n in self.top_n_grid:
+                fitted = self._stage2(X_train, y[train], ranked[:n])
+                if fitted is None or len(np.unique(y[test])) < 2:
+                    continue
+                inner_train, inner_test = X_train[ranked[:n]].to_numpy(), X_test[ranked[:n]].to_numpy()
+                if self.stage2 == "tree":  # the leaf's unweighted training rate, as the final model scores
+                    rate = pd.Series(y[train]).groupby(fitted.apply(inner_train)).mean()
+                    prob = rate.reindex(fitted.apply(inner_test)).to_numpy()
+                else:
+                    prob = fitted.predict_proba(inner_test)[:, 1]
+                scores[n].append(roc_auc_score(y[test], prob))
+        return {n: float(np.mean(v)) for n, v in scores.items() if v}
 
     def _annotate_leaves(self, leaves: np.ndarray, y: np.ndarray) -> None:
         for leaf, _ in iter_leaves(self.nodes_):
@@ -451,47 +579,66 @@ class TwoStageRiskModel(ClassifierMixin, BaseEstimator):
             leaf.update(n=n, positives=positives, rate=positives / n if n else self.prevalence_)
             leaf["level"] = risk_level(leaf["rate"], self.cut_points_)
 
-    def _leaf_table(self) -> dict:
-        check_is_fitted(self, "nodes_")
-        return {leaf["leaf"]: leaf for leaf, _ in iter_leaves(self.nodes_)}
-
-    def _leaves(self, X) -> np.ndarray:
-        check_is_fitted(self, "nodes_")
-        return apply_nodes(self.nodes_, self.preprocessor_.transform(_as_frame(X, self.feature_names_in_)))
+    def _probability(self, X) -> np.ndarray:
+        check_is_fitted(self, "prevalence_")
+        Xp = self.preprocessor_.transform(_as_frame(X, self.feature_names_in_))
+        if self.stage2 == "tree":
+            table = {leaf["leaf"]: leaf["rate"] for leaf, _ in iter_leaves(self.nodes_)}
+            return np.array([table[i] for i in apply_nodes(self.nodes_, Xp)], dtype=np.float64)
+        if not self.trees_:
+            return np.full(len(Xp), self.prevalence_)
+        values = Xp[self.selected_features_].to_numpy(dtype=np.float64)
+        total = np.zeros(len(Xp))
+        for arrays in self.trees_:  # summed in tree order then divided, as scikit-learn's forest does
+            total += np.asarray(arrays["probability"])[apply_arrays(arrays, values)]
+        return total / len(self.trees_)
 
     def predict_proba(self, X) -> np.ndarray:
-        """``(N, 2)`` probabilities; column 1 is the training positive rate of each row's leaf."""
-        table = self._leaf_table()
-        rate = np.array([table[i]["rate"] for i in self._leaves(X)], dtype=np.float64)
+        """``(N, 2)`` probabilities; column 1 is the stage-2 probability of the positive class."""
+        rate = self._probability(X)
         return np.stack([1.0 - rate, rate], axis=1)
 
     def predict(self, X) -> np.ndarray:
-        """0/1: positive when the leaf's rate is at least the training prevalence."""
-        return (self.predict_proba(X)[:, 1] >= self.prevalence_).astype(np.int64)
+        """0/1: positive when the probability is at least the training prevalence."""
+        return (self._probability(X) >= self.prevalence_).astype(np.int64)
 
     def predict_risk(self, X) -> np.ndarray:
-        """Risk level (``low`` / ``medium`` / ``high``) of every row."""
-        table = self._leaf_table()
-        return np.array([table[i]["level"] for i in self._leaves(X)], dtype=object)
+        """Risk level (``low`` / ``medium`` / ``high``) of every row, from its probability and ``cut_points_``."""
+        return np.array([risk_level(p, self.cut_points_) for p in self._probability(X)], dtype=object)
 
     def to_dict(self) -> dict:
-        """JSON-ready fitted state: parameters, preprocessing, stage-1 scores, selected features, tree nodes."""
-        check_is_fitted(self, "nodes_")
-        return {"params": self.get_params(), "feature_names_in": list(self.feature_names_in_),
-                "preprocessing": self.preprocessor_.to_dict(), "stage1": self.stage1_,
-                "selected_features": list(self.selected_features_), "prevalence": self.prevalence_,
-                "cut_points": dict(self.cut_points_), "tree": self.nodes_}
+        """JSON-ready fitted state: parameters, preprocessing, stage-1 scores, selected features, stage 2."""
+        check_is_fitted(self, "prevalence_")
+        params = {**self.get_params(), "top_n_grid": list(self.top_n_grid)}
+        state = {"params": params, "feature_names_in": list(self.feature_names_in_),
+                 "preprocessing": self.preprocessor_.to_dict(), "stage1": self.stage1_, "top_n": self.top_n_,
+                 "top_n_scores": {str(k): v for k, v in self.top_n_scores_.items()},
+                 "selected_features": list(self.selected_features_), "prevalence": self.prevalence_,
+                 "cut_points": dict(self.cut_points_)}
+        if self.stage2 == "tree":
+            state["tree"] = self.nodes_
+        else:
+            state["forest"] = self.trees_
+        return state
 
     @classmethod
     def from_dict(cls, state: dict) -> TwoStageRiskModel:
-        """Rebuild a model that predicts exactly as the saved one (``tree_`` is None: no scikit-learn object)."""
-        model = cls(**state["params"])
+        """Rebuild a model that predicts exactly as the saved one (no scikit-learn tree or forest object)."""
+        params = dict(state["params"])
+        params["top_n_grid"] = tuple(params["top_n_grid"])
+        model = cls(**params)
         model.classes_ = np.array([0, 1])
         model.feature_names_in_ = np.asarray(state["feature_names_in"], dtype=object)
         model.preprocessor_ = RiskPreprocessor.from_dict(state["preprocessing"])
         model.stage1_, model.selected_features_ = state["stage1"], list(state["selected_features"])
+        model.top_n_ = state["top_n"]
+        model.top_n_scores_ = {None if k == "None" else int(k): v for k, v in state["top_n_scores"].items()}
         model.prevalence_, model.cut_points_ = float(state["prevalence"]), dict(state["cut_points"])
-        model.nodes_, model.tree_ = state["tree"], None
+        model.tree_ = model.forest_ = model.nodes_ = model.trees_ = None
+        if model.stage2 == "tree":
+            model.nodes_ = state["tree"]
+        else:
+            model.trees_ = state["forest"]
         return model
 
 
@@ -514,8 +661,15 @@ def save_models(path, models: dict, with_screening: bool = False, bins: dict | N
                 "versions": package_versions(), "bins": bins or {},
                 "outcomes": {name: m.to_dict() for name, m in models.items()}}
     with open(path, "w") as f:
-        json.dump(document, f, indent=2)
+        f.write(_readable_json(document))
     return document
+
+
+def _readable_json(document) -> str:
+    """JSON indented by level, with lists of plain values kept on one line (a forest's node arrays stay compact)."""
+    text = json.dumps(document, indent=2)
+    # JSON strings cannot hold a raw newline, so only the layout whitespace is touched.
+    return re.sub(r"\[\n\s*([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
 
 
 def load_models(path) -> dict:
@@ -537,7 +691,8 @@ def load_models(path) -> dict:
 def comparison_models(random_state: int = 0, max_depth: int = 3, min_samples_leaf: int = 20,
                       n_estimators: int = 100) -> dict:
     """Reference classifiers, each behind a median `SimpleImputer` (and a scaler for the logistic regression)."""
-    impute = SimpleImputer(strategy="median", keep_empty_features=True)
+    # The same information as the two-stage model: median imputation plus missing-value indicators.
+    impute = SimpleImputer(strategy="median", keep_empty_features=True, add_indicator=True)
     return {
         "decision_tree": make_pipeline(clone(impute), DecisionTreeClassifier(
             max_depth=max_depth, min_samples_leaf=min_samples_leaf, random_state=random_state)),
@@ -563,24 +718,28 @@ def binary_metrics(y, prob, threshold: float) -> dict:
 
 def cross_validate(X: pd.DataFrame, Y: pd.DataFrame, models: dict, outcomes: Sequence[str] | None = None,
                    with_screening: bool = False, n_splits: int = 5, repeats: int = 5, seed: int = 0,
-                   keep_models: bool = False) -> dict:
+                   keep_models: bool = False, groups=None) -> dict:
     """Repeated stratified k-fold cross-validation of every model on every outcome, under the same folds.
+
+    With ``groups`` (one id per row, e.g. NIH's patient id) the folds are `StratifiedGroupKFold` splits, reshuffled
+    with seed ``seed + repeat``, so no group has rows on both sides of a split.
 
     Every model is cloned and fitted on the training rows of each fold only (imputation, thresholds, selection
     and tree included). Binary predictions use ``probability >= training prevalence`` for every model, so F1 and
     the other thresholded metrics compare like with like.
 
     Returns ``{"scores": DataFrame (outcome, model, repeat, fold, *CV_METRICS), "roc": {outcome: {model: (y,
-    prob)}} out-of-fold for the first repeat, "folds": [...]}``; ``folds`` holds ``(outcome, model, train_index,
-    fitted)`` when ``keep_models``.
+    prob)}} out-of-fold for the first repeat, "levels": {outcome: {model: DataFrame}} out-of-fold patients,
+    positives and rate per risk level in the first repeat (models with ``predict_risk``), "folds": [...]}``;
+    ``folds`` holds ``(outcome, model, train_index, fitted)`` when ``keep_models``.
     """
     outcomes = list(Y.columns if outcomes is None else outcomes)
-    rows, roc, folds = [], {}, []
+    rows, roc, levels, folds = [], {}, {}, []
     for outcome in outcomes:
         features, y = outcome_features(X, Y, outcome, with_screening), Y[outcome].to_numpy()
-        splitter = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=repeats, random_state=seed)
         oof = {name: np.zeros(len(y)) for name in models}
-        for k, (train, test) in enumerate(splitter.split(features, y)):
+        oof_levels = {name: np.empty(len(y), dtype=object) for name in models if hasattr(models[name], "predict_risk")}
+        for k, (train, test) in enumerate(fold_indices(y, n_splits, repeats, seed, groups)):
             repeat, fold = divmod(k, n_splits)
             threshold = float(y[train].mean())
             for name, model in models.items():
@@ -590,10 +749,24 @@ def cross_validate(X: pd.DataFrame, Y: pd.DataFrame, models: dict, outcomes: Seq
                              **binary_metrics(y[test], prob, threshold)})
                 if repeat == 0:
                     oof[name][test] = prob
+                    if name in oof_levels:
+                        oof_levels[name][test] = fitted.predict_risk(features.iloc[test])
                 if keep_models:
                     folds.append((outcome, name, train, fitted))
         roc[outcome] = {name: (y, oof[name]) for name in models}
-    return {"scores": pd.DataFrame(rows), "roc": roc, "folds": folds}
+        levels[outcome] = {name: rates_by_level(lv, y) for name, lv in oof_levels.items()}
+    return {"scores": pd.DataFrame(rows), "roc": roc, "levels": levels, "folds": folds}
+
+
+def fold_indices(y, n_splits: int = 5, repeats: int = 5, seed: int = 0, groups=None) -> list:
+    """``(train, test)`` index pairs of repeated stratified k-fold splits, patient-grouped when ``groups`` is given."""
+    y = np.asarray(y)
+    if groups is None:
+        splitter = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=repeats, random_state=seed)
+        return list(splitter.split(np.zeros(len(y)), y))
+    groups = np.asarray(groups)
+    return [split for r in range(repeats) for split in StratifiedGroupKFold(
+        n_splits, shuffle=True, random_state=seed + r).split(np.zeros(len(y)), y, groups)]
 
 
 def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
@@ -605,7 +778,12 @@ def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
 
 def level_rates(model: TwoStageRiskModel, X, y) -> pd.DataFrame:
     """Patients, positives and positive rate within each risk level of ``model`` on ``(X, y)``."""
-    levels, y = model.predict_risk(X), np.asarray(y)
+    return rates_by_level(model.predict_risk(X), y)
+
+
+def rates_by_level(levels, y) -> pd.DataFrame:
+    """Patients, positives and positive rate per risk level, from each row's level and 0/1 outcome."""
+    levels, y = np.asarray(levels, dtype=object), np.asarray(y)
     rows = [{"level": lv, "n": int((levels == lv).sum()), "positives": int(y[levels == lv].sum())}
             for lv in RISK_LEVELS]
     frame = pd.DataFrame(rows)
