@@ -116,9 +116,19 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
     assert sum(v["auc"] is not None for v in metrics["per_class"].values()) >= 12
     bundle("run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--dataset_dir", nih_dir,
            "--labels_csv", nih_dir / "labels.csv", "--images_dir", nih_dir / "images_256", "--output_dir", out,
-           "--num_workers", 0)
+           "--num_workers", 0, "--boxes_csv", nih_dir / "bbox.csv")
     report = json.loads((out / "eval" / "metrics.json").read_text())
     assert report["num_images"] == 56  # the official test images among the 469
+    localisation = json.loads((out / "eval" / "localisation.json").read_text())
+    assert localisation["scores"]["count"] == 9  # every boxed image is an official test image
+    assert localisation["random_baseline"]["count"] == 9 * 20
+    assert 0 <= localisation["scores"]["pointing_hit"] <= 1
+    explain_dir = tmp_path / "explain"
+    bundle("run", "--config_file", "configs/explain.yaml", "--output_dir", out, "--explain_dir", explain_dir,
+           "--input_dir", nih_dir / "images_full" / "00015649_000.png", "--boxes_csv", nih_dir / "bbox.csv",
+           "--tabular_csv", nih_dir / "labels.csv")
+    summary = json.loads((explain_dir / "summary.json").read_text())
+    assert summary["localisation"]["gradcam:cnn"]["maps"] == 1 and "lrp:input" in summary["randomisation_check"]
     for folder, expected in ((nih_dir / "images_full", 150), (dicom_files[0].parent, 2)):
         infer_dir = tmp_path / folder.name
         bundle("run", "--config_file", "configs/inference.yaml", "--input_dir", folder, "--output_dir", out,
