@@ -154,6 +154,28 @@ def test_gradcam_maps_match_the_input_for_every_layer(tiny_net):
         explain.explanation_map(tiny_net, "cam", x, 0)
 
 
+class _Brightness(torch.nn.Module):
+    """Toy network: a 1x1 convolution (the CAM layer) whose mean is the logit of finding 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Conv2d(1, 2, 1, bias=False)
+        torch.nn.init.constant_(self.features.weight, 1.0)
+
+    def forward(self, x, tabular=None):
+        logit = self.features(x).mean((1, 2, 3))
+        return torch.stack([logit] + [torch.zeros_like(logit)] * (len(LABELS) - 1), 1)
+
+
+def test_gradcam_is_high_where_the_evidence_is():
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 4:12, 20:28] = 1.0
+    for plus in (False, True):
+        cam = explain.gradcam(_Brightness(), x, 0, layer="features", plus=plus)[0, 0].numpy()
+        assert cam[8, 24] == pytest.approx(1.0) and cam[28, 4] == pytest.approx(0.0)
+        assert explain.map_peak(cam) == (7, 23)  # the plateau's pixel nearest its centroid (7.5, 23.5)
+
+
 def test_lrp_conserves_the_logit_through_densenet():
     class Wrapped(torch.nn.Module):
         def __init__(self):

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from monai.metrics import CumulativeIterationMetric
 from monai.visualize import GradCAM, GradCAMpp
 from scipy.ndimage import gaussian_filter
@@ -68,7 +67,12 @@ def gradcam(model: nn.Module, image: torch.Tensor, class_idx: int, tabular: torc
     name = layers.get(layer, layer)
     if name not in {n for n, _ in model.named_modules()}:
         raise ValueError(f"layer '{layer}' is not in this network; its explanation targets are {sorted(layers)}")
-    cam = (GradCAMpp if plus else GradCAM)(nn_module=model, target_layers=name)
+    cams = model.__dict__.setdefault("_explain_cams", {})  # MONAI's CAMs add hooks that are never removed: reuse
+    if (name, plus) not in cams:
+        # MONAI's default post-processing maps the maximum to 0; here 1 stays the strongest evidence
+        cams[(name, plus)] = (GradCAMpp if plus else GradCAM)(nn_module=model, target_layers=name,
+                                                             postprocessing=_min_max)
+    cam = cams[(name, plus)]
     maps = []
     with torch.enable_grad():
         # one image at a time: MONAI's Grad-CAM++ broadcasts the class score against the map's last axis
@@ -76,6 +80,15 @@ def gradcam(model: nn.Module, image: torch.Tensor, class_idx: int, tabular: torc
             row = None if tabular is None else tabular[i : i + 1]
             maps.append(cam(image[i : i + 1], class_idx=int(class_idx), tabular=row).detach())
     return torch.cat(maps)
+
+
+def _min_max(x: torch.Tensor) -> torch.Tensor:
+    """Per-map scaling of ``(B, 1, ...)`` maps to [0, 1] (all zeros for a constant map)."""
+    flat = x.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    span = torch.where(high > low, high - low, torch.ones_like(high))
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return (x - low.view(shape)) / span.view(shape)
 
 
 class LayerwiseRelevance:
@@ -289,8 +302,3 @@ def map_similarity(a: np.ndarray, b: np.ndarray) -> float:
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
     return float(spearmanr(a, b).statistic)
-
-
-def resize_map(saliency: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize of ``(B, 1, h, w)`` maps to ``size``."""
-    return F.interpolate(saliency, size=tuple(size), mode="bilinear", align_corners=False)

@@ -78,7 +78,8 @@ def randomised_copy(network_args: dict, seed: int = 12345) -> torch.nn.Module:
 
 def save_overlay(path: str, image: np.ndarray, saliency: np.ndarray, title: str, signed: bool = False,
                  boxes: Sequence[Sequence[float]] = ()) -> None:
-    """PNG of ``saliency`` over the X-ray (``signed`` maps in a blue-red scale), with boxes ``(x0, y0, x1, y1)``."""
+    """PNG of ``saliency`` over the X-ray (jet: blue low, red high; ``signed`` maps such as LRP in blue-white-red,
+    red = evidence for the finding), with boxes ``(x0, y0, x1, y1)`` in green."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers
@@ -87,9 +88,9 @@ def save_overlay(path: str, image: np.ndarray, saliency: np.ndarray, title: str,
 
     fig, ax = plt.subplots(figsize=(4, 4.3))
     ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-    if signed:
-        bound = float(np.abs(saliency).max()) or 1.0
-        ax.imshow(saliency, cmap="bwr", vmin=-bound, vmax=bound, alpha=0.5)
+    if signed:  # pixel relevance is sparse: scale to the 99.5th percentile so that more than a few pixels show
+        bound = float(np.percentile(np.abs(saliency), 99.5)) or float(np.abs(saliency).max()) or 1.0
+        ax.imshow(saliency, cmap="bwr", vmin=-bound, vmax=bound, alpha=0.6)
     else:
         ax.imshow(saliency, cmap="jet", vmin=0, vmax=1, alpha=0.4)
     for x0, y0, x1, y1 in boxes:
