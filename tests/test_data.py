@@ -152,3 +152,12 @@ def test_folder_records_with_tabular_csv(nih_dir):
     assert str(first["age"]) == str(row["Patient Age"]) and first["sex"] == row["Patient Gender"]
     with pytest.raises(FileNotFoundError):
         folder_records(str(nih_dir / "no_such_folder"))
+
+
+def test_folder_records_warn_about_images_without_a_tabular_row(nih_dir, tmp_path, caplog):
+    (tmp_path / "00000002_000.png").symlink_to(nih_dir / "images_full" / "00000002_000.png")
+    (tmp_path / "unknown.png").symlink_to(nih_dir / "images_full" / "00000002_000.png")
+    with caplog.at_level("WARNING"):
+        records = folder_records(str(tmp_path), str(nih_dir / "labels.csv"))
+    assert "1 image(s) have no row" in caplog.text and "unknown.png" in caplog.text
+    assert "age" in records[0] and "age" not in records[1]  # the unmatched image is encoded as missing

@@ -119,6 +119,7 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
            "--num_workers", 0, "--boxes_csv", nih_dir / "bbox.csv")
     report = json.loads((out / "eval" / "metrics.json").read_text())
     assert report["num_images"] == 56  # the official test images among the 469
+    assert 0 <= report["calibration"]["expected_calibration_error_calibrated"] <= 1
     localisation = json.loads((out / "eval" / "localisation.json").read_text())
     assert localisation["scores"]["count"] == 9  # every boxed image is an official test image
     assert localisation["random_baseline"]["count"] == 9 * 20
@@ -135,6 +136,9 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
                "--infer_dir", infer_dir, "--tabular_csv", nih_dir / "labels.csv", "--num_workers", 0)
         rows = _rows(infer_dir / "predictions.csv")
         assert len(rows) == expected
+        decisions = json.loads((infer_dir / "decisions.json").read_text())
+        assert decisions["calibrated"] and len(decisions["images"]) == expected
+        assert {item["tier"] for item in decisions["images"]} <= {"low", "medium", "high"}
         assert list(rows[0])[1:] == list(medfusionnet.LABELS)
         assert all(0 <= float(r[label]) <= 1 for r in rows for label in medfusionnet.LABELS)
 

@@ -238,10 +238,16 @@ def folder_records(input_dir: str, tabular_csv: str | None = None) -> list[dict]
                 KEY_AGE: r.get(COL_AGE), KEY_SEX: r.get(COL_SEX), KEY_VIEW: r.get(COL_VIEW),
                 KEY_FOLLOW_UP: r.get(COL_FOLLOW_UP),
             }
-    records = []
+    records, unmatched = [], []
     for path in paths:
         name = os.path.relpath(path, input_dir)
-        records.append({KEY_IMAGE: path, KEY_NAME: name, **rows.get(os.path.basename(path), rows.get(name, {}))})
+        row = rows.get(os.path.basename(path), rows.get(name))
+        if tabular_csv and row is None:
+            unmatched.append(name)
+        records.append({KEY_IMAGE: path, KEY_NAME: name, **(row or {})})
+    if unmatched:
+        logger.warning("%d image(s) have no row in %s (e.g. %s); their tabular fields come from the DICOM header "
+                       "or are encoded as missing", len(unmatched), tabular_csv, unmatched[0])
     logger.info("found %d image file(s) under %s", len(records), input_dir)
     return records
 

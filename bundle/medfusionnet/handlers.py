@@ -16,6 +16,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import IgniteMetricHandler, from_engine
 
 from .constants import KEY_IMAGE, KEY_LABEL, KEY_NAME, KEY_PRED, LABELS
+from .decision import RiskTierRule, TemperatureScaling, calibration_error, probabilities_to_logits
 from .metrics import MultiLabelAUC, MultiLabelAUPRC, MultiLabelThresholdMetric, summarize
 from .workflows import is_distributed, is_main_process
 
@@ -166,6 +167,9 @@ class MetricsReport(_OutputCollector):
         plot_roc: also draw the per-class ROC curves.
         save_predictions: also write the per-image probabilities.
         labels: finding names.
+        calibration: a fitted `decision.TemperatureScaling` whose effect on the expected calibration error is
+            reported (evaluation); when thresholds are chosen on this data (validation), one is fitted here and
+            written as ``calibration.json`` instead.
     """
 
     def __init__(
@@ -176,6 +180,7 @@ class MetricsReport(_OutputCollector):
         plot_roc: bool = False,
         save_predictions: bool = False,
         labels: Sequence[str] = LABELS,
+        calibration: TemperatureScaling | None = None,
     ):
         super().__init__(labels)
         self.output_dir = output_dir
@@ -183,6 +188,7 @@ class MetricsReport(_OutputCollector):
         self.best_only = best_only
         self.plot_roc = plot_roc
         self.save_predictions = save_predictions
+        self.calibration = calibration
 
     def write(self, engine: Engine, rows: list) -> None:
         """Summarise the rows and write the report files."""
@@ -196,6 +202,20 @@ class MetricsReport(_OutputCollector):
         report["epoch"] = int(engine.state.epoch)
         report["thresholds_chosen_on_this_data"] = self.thresholds is None
         os.makedirs(self.output_dir, exist_ok=True)
+        scaler = self.calibration
+        if self.thresholds is None:
+            scaler = TemperatureScaling(self.labels).fit(probabilities_to_logits(y_prob), y)
+            scaler.save(os.path.join(self.output_dir, "calibration.json"))
+        if scaler is not None:
+            before = calibration_error(y_prob, y)
+            after = calibration_error(scaler.transform(probabilities_to_logits(y_prob)), y)
+            report["calibration"] = {
+                "expected_calibration_error": float(before.mean()),
+                "expected_calibration_error_calibrated": float(after.mean()),
+                "fitted_on_this_data": self.thresholds is None,
+                "per_class": {label: {"ece": float(b), "ece_calibrated": float(a), "temperature": t}
+                              for label, b, a, t in zip(self.labels, before, after, scaler.temperatures_)},
+            }
         _atomic_write_text(os.path.join(self.output_dir, "metrics.json"), json.dumps(report, indent=2))
         columns = list(next(iter(report["per_class"].values())).keys())
         lines = [",".join(["finding", *columns])]
@@ -253,6 +273,88 @@ class PredictionWriter(_OutputCollector):
         path = os.path.join(self.output_dir, self.filename)
         write_predictions_csv(path, sorted(rows, key=lambda r: r[0]), self.labels)
         logger.info("wrote %d prediction(s) to %s", len(rows), path)
+
+
+class DecisionWriter(_OutputCollector):
+    """Decision support for inference: ``decisions.csv`` and ``decisions.json`` under ``output_dir``.
+
+    Per image: the probability of each finding (temperature-scaled when ``calibration`` is given), the decision at
+    its threshold, the positive findings and the risk tier of ``rule``. The JSON lists the thresholds on the scale
+    of the reported probabilities (temperature scaling is monotone, so calibration never changes a decision).
+    Images of ``records`` (the datalist) that never reached the engine are listed with status ``unreadable`` and
+    the reader's error, so a bad file is reported without stopping the batch.
+
+    Args:
+        output_dir: folder for the files.
+        thresholds: per-finding thresholds (None: 0.5 for every finding).
+        calibration: a fitted `decision.TemperatureScaling`, or None.
+        rule: the `decision.RiskTierRule` (default: pneumothorax or two findings -> high).
+        records: the datalist given to the dataset (items with ``image`` and ``name``), for the unreadable ones.
+        labels: finding names.
+    """
+
+    def __init__(self, output_dir: str, thresholds: Sequence[float] | None = None,
+                 calibration: TemperatureScaling | None = None, rule: RiskTierRule | None = None,
+                 records: Sequence[dict] = (), labels: Sequence[str] = LABELS):
+        super().__init__(labels)
+        self.output_dir = output_dir
+        self.thresholds = np.asarray(thresholds if thresholds is not None else [0.5] * len(labels), dtype=float)
+        self.calibration = calibration
+        self.rule = rule or RiskTierRule(labels=labels)
+        self.records = list(records)
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        rows = self._gathered()
+        if is_main_process():  # also when every image was unreadable: the report says so
+            self.write(engine, rows)
+
+    def write(self, engine: Engine, rows: list) -> None:
+        """Write both files, images sorted by name, unreadable ones last."""
+        from .imaging import UnreadableImageError, read_xray
+
+        rows = sorted(rows, key=lambda r: r[0])
+        probs = np.stack([r[1] for r in rows]) if rows else np.zeros((0, len(self.labels)))
+        shown = self.calibration.transform(probabilities_to_logits(probs)) if self.calibration else probs
+        decisions = probs >= self.thresholds
+        items = []
+        for (name, _, _), p, d in zip(rows, shown, decisions):
+            items.append({"image": name, "status": "ok", "tier": self.rule(d),
+                          "findings": [label for label, x in zip(self.labels, d) if x],
+                          "probabilities": {label: round(float(v), 6) for label, v in zip(self.labels, p)},
+                          "decisions": {label: bool(x) for label, x in zip(self.labels, d)}})
+        seen = {r[0] for r in rows}
+        for record in self.records:
+            if str(record[KEY_NAME]) in seen:
+                continue
+            try:
+                read_xray(str(record[KEY_IMAGE]))
+                error = "not processed"
+            except UnreadableImageError as err:
+                error = str(err)
+            items.append({"image": str(record[KEY_NAME]), "status": "unreadable", "error": error})
+        os.makedirs(self.output_dir, exist_ok=True)
+        # thresholds on the reported (calibrated) scale: a decision is true exactly when probability >= threshold
+        shown_thresholds = (self.calibration.transform(probabilities_to_logits(self.thresholds[None]))[0]
+                            if self.calibration else self.thresholds)
+        document = {"rule": self.rule.describe(), "calibrated": self.calibration is not None,
+                    "thresholds": {label: round(float(t), 6) for label, t in zip(self.labels, shown_thresholds)},
+                    "images": items}
+        _atomic_write_text(os.path.join(self.output_dir, "decisions.json"), json.dumps(document, indent=2))
+        path = os.path.join(self.output_dir, "decisions.csv")
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["Image Index", "status", "tier", "findings", "error", *self.labels,
+                             *(f"{label}_decision" for label in self.labels)])
+            for item in items:
+                if item["status"] == "ok":
+                    writer.writerow([item["image"], "ok", item["tier"], "|".join(item["findings"]), "",
+                                     *(f"{item['probabilities'][label]:.6f}" for label in self.labels),
+                                     *(int(item["decisions"][label]) for label in self.labels)])
+                else:
+                    writer.writerow([item["image"], item["status"], "", "", item["error"],
+                                     *[""] * (2 * len(self.labels))])
+        bad = sum(item["status"] != "ok" for item in items)
+        logger.info("wrote decisions for %d image(s) (%d unreadable) to %s", len(items), bad, path)
 
 
 class UnreadableImageReport:

@@ -1,0 +1,129 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+
+from medfusionnet.constants import LABELS
+from medfusionnet.decision import (
+    RiskTierRule,
+    TemperatureScaling,
+    calibration_error,
+    probabilities_to_logits,
+)
+from medfusionnet.handlers import DecisionWriter, MetricsReport
+
+
+def _decisions(*positive):
+    return [label in positive for label in LABELS]
+
+
+def test_risk_tier_rule():
+    rule = RiskTierRule()
+    assert rule(_decisions()) == "low"
+    assert rule(_decisions("Nodule")) == "medium"
+    assert rule(_decisions("Pneumothorax")) == "high"  # urgent on its own
+    assert rule(_decisions("Nodule", "Mass")) == "high"  # several findings
+    assert RiskTierRule(urgent=(), several=3)(_decisions("Nodule", "Mass")) == "medium"
+    assert "Pneumothorax" in rule.describe()
+    with pytest.raises(ValueError, match="Tumour"):
+        RiskTierRule(urgent=("Tumour",))
+    with pytest.raises(ValueError, match="several=0"):
+        RiskTierRule(several=0)
+
+
+def _overconfident(n=3000, temperature=3.0, seed=0):
+    """Labels drawn from sigmoid(z); the model reports logits temperature * z (overconfident)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, len(LABELS))) * 1.5
+    y = (rng.random(z.shape) < 1 / (1 + np.exp(-z))).astype(float)
+    return z * temperature, y
+
+
+def test_temperature_scaling_recovers_a_known_temperature_and_lowers_ece(tmp_path):
+    logits, y = _overconfident()
+    scaler = TemperatureScaling().fit(logits, y)
+    np.testing.assert_allclose(scaler.temperatures_, 3.0, rtol=0.12)
+    before = calibration_error(1 / (1 + np.exp(-logits)), y).mean()
+    after = calibration_error(scaler.transform(logits), y).mean()
+    assert after < before / 3
+    scaler.save(str(tmp_path / "calibration.json"))
+    loaded = TemperatureScaling.load(str(tmp_path / "calibration.json"))
+    np.testing.assert_array_equal(loaded.transform(logits), scaler.transform(logits))
+    # a finding with a single class keeps T = 1
+    y[:, 0] = 0
+    assert TemperatureScaling().fit(logits, y).temperatures_[0] == 1.0
+    (tmp_path / "bad.json").write_text(json.dumps({"temperatures": {"Atelectasis": -1}}))
+    with pytest.raises(ValueError, match="bad.json"):
+        TemperatureScaling.load(str(tmp_path / "bad.json"))
+
+
+def test_calibration_error_by_hand():
+    probs = np.array([[0.2], [0.2], [0.8], [0.8]])
+    y = np.array([[0], [1], [1], [1]])
+    # bin 0.2: confidence 0.2, accuracy 0.5; bin 0.8: confidence 0.8, accuracy 1.0; each holds half the images
+    assert calibration_error(probs, y)[0] == pytest.approx(0.5 * 0.3 + 0.5 * 0.2)
+    p = np.array([0.1, 0.5, 0.9])
+    np.testing.assert_allclose(1 / (1 + np.exp(-probabilities_to_logits(p))), p)
+
+
+def _engine(batch):
+    def step(engine, _):
+        engine.state.batch = batch
+        return [{"pred": item["pred"]} for item in batch]  # Ignite stores it as engine.state.output
+
+    return Engine(step)
+
+
+def test_decision_writer_reports_tiers_and_unreadable_files(tmp_path):
+    probs = np.full(len(LABELS), 0.1)
+    urgent = probs.copy()
+    urgent[LABELS.index("Pneumothorax")] = 0.9
+    batch = [{"name": "a.png", "pred": torch.tensor(probs)}, {"name": "b.png", "pred": torch.tensor(urgent)}]
+    broken = tmp_path / "c.png"
+    broken.write_bytes(b"")
+    records = [{"image": "a.png", "name": "a.png"}, {"image": "b.png", "name": "b.png"},
+               {"image": str(broken), "name": "c.png"}]
+    scaler = TemperatureScaling()
+    scaler.temperatures_ = [2.0] * len(LABELS)
+    writer = DecisionWriter(str(tmp_path / "out"), thresholds=[0.5] * len(LABELS), calibration=scaler,
+                            records=records)
+    engine = _engine(batch)
+    writer.attach(engine)
+    engine.run([0], max_epochs=1)
+    document = json.loads((tmp_path / "out" / "decisions.json").read_text())
+    images = {item["image"]: item for item in document["images"]}
+    assert images["a.png"]["tier"] == "low" and images["b.png"]["tier"] == "high"
+    assert images["b.png"]["findings"] == ["Pneumothorax"]
+    # reported probability sigmoid(logit(0.9) / 2) = 0.75; the threshold on that scale stays 0.5
+    assert images["b.png"]["probabilities"]["Pneumothorax"] == pytest.approx(0.75, abs=1e-6)
+    assert document["thresholds"]["Pneumothorax"] == pytest.approx(0.5)
+    assert images["c.png"]["status"] == "unreadable" and "empty" in images["c.png"]["error"]
+    lines = (tmp_path / "out" / "decisions.csv").read_text().splitlines()
+    assert len(lines) == 4 and lines[3].startswith("c.png,unreadable")
+
+
+def test_metrics_report_fits_and_reports_calibration(tmp_path):
+    logits, y = _overconfident(n=400)
+    probs = 1 / (1 + np.exp(-logits))
+    batch = [{"name": f"{i}.png", "pred": torch.tensor(p), "label": torch.tensor(t)} for i, (p, t) in
+             enumerate(zip(probs, y))]
+
+    def step(engine, _):
+        engine.state.batch = batch
+        return [{"pred": item["pred"], "label": item["label"]} for item in batch]
+
+    engine = Engine(step)
+    MetricsReport(str(tmp_path / "val")).attach(engine)
+    engine.run([0], max_epochs=1)
+    report = json.loads((tmp_path / "val" / "metrics.json").read_text())["calibration"]
+    assert report["fitted_on_this_data"] and report["expected_calibration_error_calibrated"] < \
+        report["expected_calibration_error"]
+    scaler = TemperatureScaling.load(str(tmp_path / "val" / "calibration.json"))
+    engine = Engine(step)
+    MetricsReport(str(tmp_path / "test"), thresholds=[0.5] * len(LABELS), calibration=scaler).attach(engine)
+    engine.run([0], max_epochs=1)
+    report = json.loads((tmp_path / "test" / "metrics.json").read_text())["calibration"]
+    assert not report["fitted_on_this_data"] and set(report["per_class"]) == set(LABELS)
+    assert not (tmp_path / "test" / "calibration.json").exists()
