@@ -23,6 +23,15 @@ def bundle(*args, timeout=900):
     return proc.stdout + proc.stderr
 
 
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -87,6 +96,16 @@ def test_demo_train_evaluate_infer(tmp_path):
     with torch.no_grad():
         assert (scripted(image, tabular) - eager(image, tabular)).abs().max() < 1e-4
         assert (scripted(image) - eager(image)).abs().max() < 1e-4
+    # the parity script on real images
+    nih = REPO.parent / "shared" / "data" / "nih"
+    if (nih / "images_full").is_dir():
+        check = _script("export_check")
+        assert check.main(["--model_dir", str(out), "--inputs", str(nih / "images_full"), "--tabular_csv",
+                           str(nih / "labels.csv"), "--limit", "16", "--batch_size", "8", "--repeats", "1",
+                           "--output", str(out / "export_check.json")]) == 0
+        result = json.loads((out / "export_check.json").read_text())
+        assert result["images"] == 16 and result["embedded"] == {"metadata.json": True, "inference.json": True}
+        assert max(result["max_abs_logit_difference"].values()) < 1e-4
 
 
 @pytest.mark.slow
