@@ -1,5 +1,8 @@
 import importlib.util
 import json
+import os
+
+import pytest
 
 from conftest import REPO
 
@@ -51,3 +54,76 @@ def test_imbalance_study_summary_by_hand():
     assert figures["rare recall"]["runs"] == [0.75, 0.0]  # an undefined recall (no positive) is left out
     assert abs(figures["recall B"]["mean"] - 0.5) < 1e-9
     assert set(study.SETTINGS) == {"baseline", "toolkit"}
+
+
+def _tiny_run(out):
+    """A training run's output folder for a tiny, untrained MedFusionNet (64 px)."""
+    import torch
+
+    from medfusionnet import TabularEncoder, create_network
+    from medfusionnet.workflows import save_run_settings
+
+    args = {"name": "medfusionnet", "size": "tiny", "image_size": 64}
+    torch.manual_seed(0)
+    torch.save(create_network(**args).state_dict(), out / "model.pt")
+    save_run_settings(str(out), image_size=64, network_args=args)
+    records = [{"age": "40", "sex": "M", "view": "PA", "follow_up": "0"},
+               {"age": "60", "sex": "F", "view": "AP", "follow_up": "2"}]
+    TabularEncoder().fit(records).save(str(out / "tabular_encoder.json"))
+    return out
+
+
+def test_package_bundle_layout(tmp_path):
+    import zipfile
+
+    import yaml
+
+    package = _script("package_bundle")
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        package.package(str(run), str(tmp_path / "dist"))
+    _tiny_run(run)
+    archive = package.package(str(run), str(tmp_path / "dist"))
+    root = tmp_path / "dist" / package.NAME
+    assert not (root / "configs" / "metadata.json").is_symlink()
+    assert (root / "configs" / "metadata.json").read_text() == (REPO / "metadata.json").read_text()
+    for path in ("configs/inference.yaml", "models/model.pt", "models/run_settings.json", "docs/README.md",
+                 "docs/data_license.txt", "LICENSE", "medfusionnet/network.py", "large_files.yml"):
+        assert (root / path).is_file(), path
+    entry = yaml.safe_load((root / "large_files.yml").read_text())["large_files"][0]
+    assert entry["path"] == "models/model.pt" and entry["hash_val"] == package.sha256(str(run / "model.pt"))
+    names = zipfile.ZipFile(archive).namelist()
+    assert f"{package.NAME}/configs/metadata.json" in names and not any("__pycache__" in n for n in names)
+    assert any(r.startswith("monai==") for r in package.requirements())
+
+
+@pytest.mark.slow
+def test_packaged_bundle_runs_inference_in_a_fresh_environment(tmp_path, dicom_files):
+    import subprocess
+    import sys
+    import zipfile
+
+    package = _script("package_bundle")
+    run = tmp_path / "run"
+    run.mkdir()
+    archive = package.package(str(_tiny_run(run)), str(tmp_path / "dist"))
+    unpacked = tmp_path / "unpacked"
+    zipfile.ZipFile(archive).extractall(unpacked)
+    root = unpacked / package.NAME
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # no access to this repository
+    python = str(venv / "bin" / "python")
+    proc = subprocess.run([python, "-m", "pip", "install", "-q", *package.requirements()], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([python, "-c", "import medfusionnet; print(medfusionnet.__file__)"], cwd=root, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(root))  # the bundle's own copy of the code
+    proc = subprocess.run([python, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+                           "--input_dir", str(dicom_files[0].parent)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    decisions = json.loads((root / "models" / "inference" / "decisions.json").read_text())
+    assert len(decisions["images"]) == 2 and all(i["status"] == "ok" for i in decisions["images"])

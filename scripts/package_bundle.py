@@ -1,0 +1,104 @@
+"""Package a trained run as a MONAI Model Zoo bundle: a standard-layout folder and its zip.
+
+    python scripts/package_bundle.py --model_dir models --output_dir dist [--weights_url https://...]
+
+Layout of ``<output_dir>/<name>`` (zipped to ``<output_dir>/<name>.zip``)::
+
+    configs/   metadata.json (a real file), inference.yaml, common.yaml, train.yaml, evaluate.yaml, explain.yaml,
+               multi_gpu_train.yaml, logging.conf
+    models/    model.pt and the run files inference reads (run_settings, tabular_encoder, thresholds, calibration)
+    docs/      README.md (the bundle card), data_license.txt, images/
+    medfusionnet/  the bundle's code, importable because MONAI's commands run from the bundle root
+    LICENSE, large_files.yml (model.pt with its SHA-256, and its download URL when given)
+
+Inside the unpacked folder: ``python -m monai.bundle run --config_file configs/inference.yaml --input_dir <xrays>``.
+The Python packages inference needs are ``monai`` and metadata.json's ``required_packages_version``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Zoo bundles are named <anatomy/modality>_<task>
+NAME = "cxr14_medfusionnet_classification"
+CONFIGS = ("common.yaml", "train.yaml", "evaluate.yaml", "inference.yaml", "explain.yaml", "multi_gpu_train.yaml",
+           "logging.conf")
+RUN_FILES = ("model.pt", "run_settings.json", "tabular_encoder.json", "thresholds.json", "calibration.json",
+             "label_counts.json", "metrics.json")
+REQUIRED_RUN_FILES = ("model.pt", "run_settings.json", "tabular_encoder.json")
+
+
+def sha256(path: str) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package(model_dir: str, output_dir: str, name: str = NAME, weights_url: str = "") -> str:
+    """Write the bundle folder and zip; returns the zip's path.
+
+    Raises:
+        FileNotFoundError: naming the run files that ``model_dir`` lacks.
+    """
+    missing = [f for f in REQUIRED_RUN_FILES if not os.path.isfile(os.path.join(model_dir, f))]
+    if missing:
+        raise FileNotFoundError(f"{model_dir}: missing {missing}; package the output_dir of a training run")
+    root = os.path.join(output_dir, name)
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    os.makedirs(os.path.join(root, "configs"))
+    for config in CONFIGS:
+        shutil.copy2(os.path.join(REPO, "configs", config), os.path.join(root, "configs", config))
+    shutil.copyfile(os.path.join(REPO, "metadata.json"), os.path.join(root, "configs", "metadata.json"))
+    os.makedirs(os.path.join(root, "models"))
+    for run_file in RUN_FILES:
+        if os.path.isfile(os.path.join(model_dir, run_file)):
+            shutil.copy2(os.path.join(model_dir, run_file), os.path.join(root, "models", run_file))
+    shutil.copytree(os.path.join(REPO, "docs"), os.path.join(root, "docs"))
+    shutil.copytree(os.path.join(REPO, "bundle", "medfusionnet"), os.path.join(root, "medfusionnet"),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(os.path.join(REPO, "LICENSE"), os.path.join(root, "LICENSE"))
+    weights = os.path.join(root, "models", "model.pt")
+    large_files = {"large_files": [{"path": "models/model.pt", "url": weights_url, "hash_val": sha256(weights),
+                                    "hash_type": "sha256"}]}
+    with open(os.path.join(root, "large_files.yml"), "w") as f:
+        yaml.safe_dump(large_files, f, sort_keys=False)
+    return shutil.make_archive(root, "zip", root_dir=output_dir, base_dir=name)
+
+
+def requirements() -> list[str]:
+    """``monai==<version>`` and metadata.json's required packages, as pip requirement strings."""
+    with open(os.path.join(REPO, "metadata.json")) as f:
+        metadata = json.load(f)
+    packages = {"monai": metadata["monai_version"], "torch": metadata["pytorch_version"],
+                **metadata.get("required_packages_version", {})}
+    return [f"{p}=={v}" for p, v in packages.items()]
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_dir", required=True, help="a training run's output_dir")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--name", default=NAME)
+    parser.add_argument("--weights_url", default="", help="where model.pt will be downloadable (large_files.yml)")
+    args = parser.parse_args(argv)
+    archive = package(args.model_dir, args.output_dir, args.name, args.weights_url)
+    print(f"wrote {os.path.join(args.output_dir, args.name)} and {archive}")
+    print("requirements: " + " ".join(requirements()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
