@@ -66,6 +66,16 @@ def test_calibration_error_by_hand():
     assert calibration_error(probs, y)[0] == pytest.approx(0.5 * 0.3 + 0.5 * 0.2)
     p = np.array([0.1, 0.5, 0.9])
     np.testing.assert_allclose(1 / (1 + np.exp(-probabilities_to_logits(p))), p)
+    # equal to MONAI's CalibrationErrorMetric with the images as the spatial axis
+    from monai.metrics import CalibrationErrorMetric
+
+    rng = np.random.default_rng(0)
+    probs = rng.random((300, len(LABELS)))
+    y = (rng.random(probs.shape) < probs**2).astype(float)
+    metric = CalibrationErrorMetric(num_bins=10, metric_reduction="none")
+    metric(y_pred=torch.tensor(probs.T[None].copy(), dtype=torch.float32),
+           y=torch.tensor(y.T[None].copy(), dtype=torch.float32))
+    np.testing.assert_allclose(calibration_error(probs, y), metric.aggregate().reshape(-1).numpy(), atol=1e-6)
 
 
 def _engine(batch):

@@ -191,3 +191,20 @@ def test_cnn_weights_helper(tmp_path):
     torch.testing.assert_close(net.stem[0].weight, reference.features.conv0.weight)
     with pytest.raises(ValueError, match="no DenseNet CNN branch"):
         with_cnn_weights(medfusionnet.create_network("densenet121"), str(path))
+
+
+def test_a_checkpoint_of_another_network_is_refused_by_name(tmp_path):
+    from medfusionnet.workflows import check_checkpoint
+
+    net = medfusionnet.create_network("medfusionnet", size="tiny", image_size=64)
+    torch.save(net.state_dict(), tmp_path / "same.pt")
+    check_checkpoint(str(tmp_path / "same.pt"), net)
+    other_labels = medfusionnet.create_network("medfusionnet", size="tiny", image_size=64, num_classes=15)
+    torch.save(other_labels.state_dict(), tmp_path / "fifteen.pt")
+    with pytest.raises(ValueError, match=r"fifteen.pt.*differ in shape.*\(15,"):
+        check_checkpoint(str(tmp_path / "fifteen.pt"), net)
+    torch.save(medfusionnet.create_network("densenet121").state_dict(), tmp_path / "densenet.pt")
+    with pytest.raises(ValueError, match=r"densenet.pt.*absent from the checkpoint"):
+        check_checkpoint(str(tmp_path / "densenet.pt"), net)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        check_checkpoint(str(tmp_path / "missing.pt"), net)
