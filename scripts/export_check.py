@@ -38,9 +38,8 @@ def load_scripted(path: str):
     return module.eval(), extra
 
 
-def batches(model_dir: str, inputs: str, tabular_csv: str | None, batch_size: int, limit: int):
+def batches(encoder, image_size: int, inputs: str, tabular_csv: str | None, batch_size: int, limit: int):
     """Preprocessed ``(image, tabular)`` batches of at most ``limit`` readable images under ``inputs``."""
-    _, encoder, image_size, _ = load_trained(model_dir)
     records = folder_records(inputs, tabular_csv)[:limit]
     dataset = XrayDataset(records, xray_transforms(encoder, image_size, with_label=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_unreadable)
@@ -66,9 +65,9 @@ def main(argv=None) -> int:
     if not os.path.isfile(ts_path):
         print(f"{ts_path} not found; export it first with python -m monai.bundle ckpt_export (see --help)")
         return 1
-    eager, _, image_size, _ = load_trained(args.model_dir)
+    eager, encoder, image_size, _ = load_trained(args.model_dir)
     scripted, extra = load_scripted(ts_path)
-    data = batches(args.model_dir, args.inputs, args.tabular_csv, args.batch_size, args.limit)
+    data = batches(encoder, image_size, args.inputs, args.tabular_csv, args.batch_size, args.limit)
     if not data:
         print(f"no readable image under {args.inputs}")
         return 1
