@@ -161,3 +161,25 @@ def test_folder_records_warn_about_images_without_a_tabular_row(nih_dir, tmp_pat
         records = folder_records(str(tmp_path), str(nih_dir / "labels.csv"))
     assert "1 image(s) have no row" in caplog.text and "unknown.png" in caplog.text
     assert "age" in records[0] and "age" not in records[1]  # the unmatched image is encoded as missing
+
+
+def test_datalist_records_for_inference(nih_dir, tmp_path):
+    import json
+
+    from medfusionnet.data import datalist_records, inference_records
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "00000002_000.png").symlink_to(nih_dir / "images_full" / "00000002_000.png")
+    listing = {"testing": [{"image": "imgs/00000002_000.png"},
+                           {"image": str(nih_dir / "images_full" / "00000353_000.png"), "name": "b", "age": "33"}]}
+    (tmp_path / "list.json").write_text(json.dumps(listing))
+    records = inference_records(None, str(nih_dir / "labels.csv"), str(tmp_path / "list.json"))
+    assert records[0]["image"] == str(tmp_path / "imgs" / "00000002_000.png") and records[0]["age"] is not None
+    assert records[1]["name"] == "b" and records[1]["age"] == "33"  # the datalist's own field wins over the CSV
+    (tmp_path / "plain.json").write_text(json.dumps([{"image": "imgs/00000002_000.png"}]))
+    assert len(datalist_records(str(tmp_path / "plain.json"))) == 1
+    (tmp_path / "bad.json").write_text(json.dumps([{"name": "x"}]))
+    with pytest.raises(ValueError, match=r"bad.json: item 0 has no 'image'"):
+        datalist_records(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="input_dir"):
+        inference_records(None, None, None)

@@ -228,28 +228,70 @@ def folder_records(input_dir: str, tabular_csv: str | None = None) -> list[dict]
     paths = sorted(
         os.path.join(root, f) for root, _, files in os.walk(input_dir) for f in files if imaging.is_supported(f)
     )
-    rows = {}
-    if tabular_csv:
-        table = pd.read_csv(tabular_csv, dtype=str, keep_default_na=False)
-        if COL_IMAGE not in table.columns:
-            raise ValueError(f"{tabular_csv}: missing required column '{COL_IMAGE}'; found {list(table.columns)}")
-        for _, r in table.iterrows():
-            rows[r[COL_IMAGE].strip()] = {
-                KEY_AGE: r.get(COL_AGE), KEY_SEX: r.get(COL_SEX), KEY_VIEW: r.get(COL_VIEW),
-                KEY_FOLLOW_UP: r.get(COL_FOLLOW_UP),
-            }
-    records, unmatched = [], []
-    for path in paths:
-        name = os.path.relpath(path, input_dir)
-        row = rows.get(os.path.basename(path), rows.get(name))
-        if tabular_csv and row is None:
+    records = _with_tabular([{KEY_IMAGE: p, KEY_NAME: os.path.relpath(p, input_dir)} for p in paths], tabular_csv)
+    logger.info("found %d image file(s) under %s", len(records), input_dir)
+    return records
+
+
+def datalist_records(datalist: str, tabular_csv: str | None = None, key: str = "testing") -> list[dict]:
+    """Datalist for inference from a JSON file: a list of items, or MONAI's decathlon format with the list under
+    ``key``; each item has ``image`` (a path, relative to the JSON's folder or absolute) and optionally ``name``
+    and the raw tabular fields (``age``, ``sex``, ``view``, ``follow_up``), which ``tabular_csv`` rows fill where
+    absent.
+
+    Raises:
+        ValueError: naming the file and item for an item without ``image``.
+    """
+    with open(datalist) as f:
+        loaded = json.load(f)
+    items = loaded.get(key) if isinstance(loaded, dict) else loaded
+    if not isinstance(items, list):
+        raise ValueError(f"{datalist}: expected a list of items, or a dict with the list under '{key}'")
+    base = os.path.dirname(os.path.abspath(datalist))
+    records = []
+    for i, item in enumerate(items):
+        image = item.get(KEY_IMAGE) if isinstance(item, dict) else None
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"{datalist}: item {i} has no '{KEY_IMAGE}' path")
+        path = image if os.path.isabs(image) else os.path.join(base, image)
+        records.append({**item, KEY_IMAGE: path, KEY_NAME: item.get(KEY_NAME) or image})
+    return _with_tabular(records, tabular_csv)
+
+
+def inference_records(input_dir: str | None = None, tabular_csv: str | None = None,
+                      datalist: str | None = None) -> list[dict]:
+    """`datalist_records` when ``datalist`` is given, else `folder_records` of ``input_dir``."""
+    if datalist:
+        return datalist_records(datalist, tabular_csv)
+    if not input_dir:
+        raise ValueError("give input_dir (a folder of images) or datalist (a JSON datalist)")
+    return folder_records(input_dir, tabular_csv)
+
+
+def _with_tabular(records: list[dict], tabular_csv: str | None) -> list[dict]:
+    """``records`` with the tabular fields of their ``tabular_csv`` row (matched on the file name) where absent;
+    a warning counts the images that have no row."""
+    if not tabular_csv:
+        return records
+    table = pd.read_csv(tabular_csv, dtype=str, keep_default_na=False)
+    if COL_IMAGE not in table.columns:
+        raise ValueError(f"{tabular_csv}: missing required column '{COL_IMAGE}'; found {list(table.columns)}")
+    rows = {
+        r[COL_IMAGE].strip(): {KEY_AGE: r.get(COL_AGE), KEY_SEX: r.get(COL_SEX), KEY_VIEW: r.get(COL_VIEW),
+                               KEY_FOLLOW_UP: r.get(COL_FOLLOW_UP)}
+        for _, r in table.iterrows()
+    }
+    out, unmatched = [], []
+    for record in records:
+        name = str(record[KEY_NAME])
+        row = rows.get(os.path.basename(str(record[KEY_IMAGE])), rows.get(name))
+        if row is None:
             unmatched.append(name)
-        records.append({KEY_IMAGE: path, KEY_NAME: name, **(row or {})})
+        out.append({**(row or {}), **{k: v for k, v in record.items() if v is not None}})
     if unmatched:
         logger.warning("%d image(s) have no row in %s (e.g. %s); their tabular fields come from the DICOM header "
                        "or are encoded as missing", len(unmatched), tabular_csv, unmatched[0])
-    logger.info("found %d image file(s) under %s", len(records), input_dir)
-    return records
+    return out
 
 
 def _make_demo_once(demo_dir: str) -> str:
