@@ -1,0 +1,116 @@
+"""MONAI Label app that serves a packaged MedFusionNet bundle (``scripts/package_bundle.py``) for 2-D chest X-rays.
+
+    monailabel start_server --app monailabel_app --studies /path/to/xrays \\
+        --conf bundle_path dist/cxr14_medfusionnet_classification --host 127.0.0.1 --port 8000
+
+One infer task, ``medfusionnet`` (classification, 2-D). ``POST /infer/medfusionnet?image=<id>&output=json`` returns
+the 14 probabilities, the decisions at the bundle's thresholds, the positive findings and the risk tier, as the
+bundle's inference writes them to ``decisions.json``; ``output=image`` (or ``all``) also returns the Grad-CAM map of
+the most probable finding, thresholded at half its maximum, as a PNG label image of the X-ray's size, which 3D
+Slicer's MONAI Label module shows over the image. Tabular input is encoded as missing, or read from the DICOM header.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+logger = logging.getLogger(__name__)
+
+
+class MedFusionNetInfer(InferTask):
+    """Classification with decision support and a Grad-CAM label of the top finding, from a packaged bundle."""
+
+    def __init__(self, bundle_path: str):
+        if bundle_path not in sys.path:  # the bundle's own copy of the code
+            sys.path.insert(0, bundle_path)
+        from medfusionnet.constants import LABELS
+
+        super().__init__(type=InferType.CLASSIFICATION, labels=list(LABELS), dimension=2,
+                         description="MedFusionNet: 14 NIH findings, decisions, risk tier and Grad-CAM")
+        self.bundle_path = bundle_path
+        self._loaded = None
+
+    def is_valid(self) -> bool:
+        """The bundle holds a trained model."""
+        return os.path.isfile(os.path.join(self.bundle_path, "models", "model.pt"))
+
+    def _load(self):
+        if self._loaded is None:
+            from medfusionnet.decision import RiskTierRule, TemperatureScaling
+            from medfusionnet.explain_workflow import load_trained
+            from medfusionnet.transforms import xray_transforms
+
+            models = os.path.join(self.bundle_path, "models")
+            network, encoder, image_size, thresholds = load_trained(models)
+            calibration = os.path.join(models, "calibration.json")
+            self._loaded = {
+                "network": network, "image_size": image_size, "thresholds": np.asarray(thresholds),
+                "transform": xray_transforms(encoder, image_size, with_label=False), "rule": RiskTierRule(),
+                "calibration": TemperatureScaling.load(calibration) if os.path.isfile(calibration) else None,
+            }
+        return self._loaded
+
+    def __call__(self, request):
+        """``(label PNG path, result JSON)`` for ``request["image"]`` (a file path)."""
+        from PIL import Image
+
+        from medfusionnet import explain
+        from medfusionnet.constants import LABELS
+        from medfusionnet.decision import probabilities_to_logits
+        from medfusionnet.imaging import read_xray
+
+        m = self._load()
+        path = request["image"]
+        item = m["transform"]({"image": path, "name": os.path.basename(path)})
+        image = torch.as_tensor(item["image"])[None]
+        tabular = torch.as_tensor(item["tabular"])[None]
+        with torch.no_grad():
+            probs = torch.sigmoid(m["network"](image, tabular))[0].numpy().astype(np.float64)
+        decisions = probs >= m["thresholds"]
+        shown = m["calibration"].transform(probabilities_to_logits(probs[None]))[0] if m["calibration"] else probs
+        top = int(np.argmax(probs))
+        cam = explain.gradcam(m["network"], image, top, tabular)[0, 0].numpy()
+        # back to the X-ray's own frame: undo the centred padding, then resize to the file's size
+        height, width = read_xray(path).array.shape
+        x0, y0, x1, y1 = explain.rescale_box((0, 0, width, height), (width, height), m["image_size"])
+        crop = cam[int(round(y0)):int(round(y1)), int(round(x0)):int(round(x1))]
+        mask = np.asarray(Image.fromarray((crop >= 0.5).astype(np.uint8) * 255).resize((width, height))) > 127
+        label_path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+        Image.fromarray(mask.astype(np.uint8)).save(label_path)
+        # thresholds on the scale of the reported probabilities (temperature scaling is monotone)
+        thresholds = (m["calibration"].transform(probabilities_to_logits(m["thresholds"][None]))[0]
+                      if m["calibration"] else m["thresholds"])
+        result = {
+            "image": os.path.basename(path), "tier": m["rule"](decisions), "rule": m["rule"].describe(),
+            "thresholds": {label: round(float(t), 6) for label, t in zip(LABELS, thresholds)},
+            "findings": [label for label, d in zip(LABELS, decisions) if d],
+            "probabilities": {label: round(float(p), 6) for label, p in zip(LABELS, shown)},
+            "decisions": {label: bool(d) for label, d in zip(LABELS, decisions)},
+            "calibrated": m["calibration"] is not None,
+            "gradcam_finding": LABELS[top], "gradcam_label": "pixels at or above half the Grad-CAM maximum",
+        }
+        return label_path, result
+
+
+class MedFusionNetApp(MONAILabelApp):
+    """Serves ``--conf bundle_path <packaged bundle>`` (default: ``bundle`` next to this file)."""
+
+    def __init__(self, app_dir, studies, conf):
+        self.bundle_path = os.path.abspath(conf.get("bundle_path", os.path.join(app_dir, "bundle")))
+        if not os.path.isdir(os.path.join(self.bundle_path, "medfusionnet")):
+            raise ValueError(f"bundle_path {self.bundle_path} is not a packaged MedFusionNet bundle "
+                             "(run scripts/package_bundle.py and pass --conf bundle_path <its folder>)")
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="MedFusionNet",
+                         description="Chest X-ray findings with decision support", version="0.2.0")
+
+    def init_infers(self):
+        """The one infer task."""
+        return {"medfusionnet": MedFusionNetInfer(self.bundle_path)}

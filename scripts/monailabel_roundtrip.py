@@ -1,0 +1,137 @@
+"""MONAI Label round trip: package a bundle, serve it with ``monailabel_app``, and call ``/infer`` as a client would.
+
+    python scripts/monailabel_roundtrip.py [--model_dir models] [--images ../shared/data/nih/images_full]
+
+MONAI Label pulls the CUDA build of torch and torchvision, so it gets its own virtual environment (``--venv``, made
+and filled on first use, about 8 GB; ``--python`` uses an existing interpreter that has ``monailabel`` instead).
+Without ``--model_dir`` an untrained tiny MedFusionNet is packaged, which exercises the serving path only. The
+studies folder holds links to the first ``--count`` images, so MONAI Label's datastore files never land next to the
+data. Prints the figures as JSON (server start time, round trip per request) and exits with 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# monailabel 0.8.5 imports pydicom_seg, which needs pydicom < 3, and then dicomweb-client / pynetdicom of that era
+PACKAGES = ("monailabel==0.8.5", "pydicom<3", "dicomweb-client[gcp]<0.60", "pynetdicom<3")
+
+
+def ensure_venv(venv: str) -> str:
+    """Python of ``venv``, created and filled with `PACKAGES` when it has no ``monailabel`` yet."""
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.isfile(python):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    if subprocess.run([python, "-c", "import monailabel"], capture_output=True).returncode != 0:
+        subprocess.run([python, "-m", "pip", "install", "-q", *PACKAGES], check=True)
+    return python
+
+
+def tiny_run(out: str) -> str:
+    """A training run folder holding an untrained tiny MedFusionNet at 64 px."""
+    sys.path.insert(0, os.path.join(REPO, "bundle"))
+    import torch
+
+    from medfusionnet import TabularEncoder, create_network
+    from medfusionnet.workflows import save_run_settings
+
+    args = {"name": "medfusionnet", "size": "tiny", "image_size": 64}
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(create_network(**args).state_dict(), os.path.join(out, "model.pt"))
+    save_run_settings(out, image_size=64, network_args=args)
+    TabularEncoder().fit([{"age": "40", "sex": "M", "view": "PA", "follow_up": "0"},
+                          {"age": "60", "sex": "F", "view": "AP", "follow_up": "2"}]).save(
+        os.path.join(out, "tabular_encoder.json"))
+    return out
+
+
+def post(url: str, timeout: float = 300) -> tuple[bytes, str, float]:
+    """``(body, content type, seconds)`` of an empty POST."""
+    start = time.perf_counter()
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=timeout) as response:
+        body = response.read()
+        return body, response.headers.get("content-type", ""), time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_dir", help="a training run's output_dir (default: an untrained tiny network)")
+    parser.add_argument("--images", default=os.path.join(REPO, "..", "shared", "data", "nih", "images_full"))
+    parser.add_argument("--count", type=int, default=3)
+    parser.add_argument("--venv", default=os.path.join(tempfile.gettempdir(), "medfusionnet-monailabel"))
+    parser.add_argument("--python", help="an interpreter with monailabel installed (skips --venv)")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args(argv)
+    from PIL import Image
+
+    work = tempfile.mkdtemp(prefix="monailabel-roundtrip-")
+    python = args.python or ensure_venv(args.venv)
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import package_bundle
+
+    model_dir = args.model_dir or tiny_run(os.path.join(work, "run"))
+    bundle = os.path.join(work, "dist", package_bundle.NAME)
+    package_bundle.package(model_dir, os.path.join(work, "dist"))
+    studies = os.path.join(work, "studies")
+    os.makedirs(studies)
+    names = sorted(f for f in os.listdir(args.images) if f.endswith(".png"))[: args.count]
+    for name in names:
+        os.symlink(os.path.abspath(os.path.join(args.images, name)), os.path.join(studies, name))
+    env = {**os.environ, "PATH": os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("PYTHONPATH", None)
+    base = f"http://127.0.0.1:{args.port}"
+    log = open(os.path.join(work, "server.log"), "w")
+    start = time.perf_counter()
+    server = subprocess.Popen([python, "-m", "monailabel.main", "start_server", "--app",
+                               os.path.join(REPO, "monailabel_app"), "--studies", studies, "--conf", "bundle_path",
+                               bundle, "--host", "127.0.0.1", "--port", str(args.port)], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    failures, rounds = [], []
+    try:
+        info = None
+        while time.perf_counter() - start < 300 and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{base}/info/", timeout=5) as response:
+                    info = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(2)
+        started = time.perf_counter() - start
+        if info is None or "medfusionnet" not in info.get("models", {}):
+            failures.append(f"server did not come up with the medfusionnet model (log: {log.name})")
+        for name in names if not failures else []:
+            image_id = os.path.splitext(name)[0]
+            body, _, seconds = post(f"{base}/infer/medfusionnet?image={image_id}&output=json")
+            result = json.loads(body)
+            rounds.append(seconds)
+            if result.get("tier") not in ("low", "medium", "high") or len(result.get("probabilities", {})) != 14:
+                failures.append(f"{name}: unexpected JSON {str(result)[:200]}")
+            body, kind, seconds = post(f"{base}/infer/medfusionnet?image={image_id}&output=image")
+            label = os.path.join(work, f"{image_id}_label.png")
+            with open(label, "wb") as f:
+                f.write(body)
+            with Image.open(label) as label_image, Image.open(os.path.join(args.images, name)) as original:
+                if "png" not in kind or label_image.size != original.size:
+                    failures.append(f"{name}: label image {kind} {label_image.size} vs X-ray {original.size}")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    summary = {"images": len(names), "server_start_s": round(started, 1), "failures": failures,
+               "json_round_trip_s": [round(r, 3) for r in rounds], "work_dir": work}
+    print(json.dumps(summary, indent=2))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
