@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,15 +88,16 @@ def main(argv=None) -> int:
     names = sorted(f for f in os.listdir(args.images) if f.endswith(".png"))[: args.count]
     for name in names:
         os.symlink(os.path.abspath(os.path.join(args.images, name)), os.path.join(studies, name))
+    app = os.path.join(work, "app")  # MONAI Label writes logs and caches into the app folder: use a copy
+    shutil.copytree(os.path.join(REPO, "monailabel_app"), app)
     env = {**os.environ, "PATH": os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")}
     env.pop("PYTHONPATH", None)
     base = f"http://127.0.0.1:{args.port}"
     log = open(os.path.join(work, "server.log"), "w")
     start = time.perf_counter()
-    server = subprocess.Popen([python, "-m", "monailabel.main", "start_server", "--app",
-                               os.path.join(REPO, "monailabel_app"), "--studies", studies, "--conf", "bundle_path",
-                               bundle, "--host", "127.0.0.1", "--port", str(args.port)], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    command = [python, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies, "--conf",
+               "bundle_path", bundle, "--host", "127.0.0.1", "--port", str(args.port)]
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     failures, rounds = [], []
     try:
         info = None
