@@ -1,7 +1,9 @@
 import importlib.util
 import json
 import os
+import sys
 
+import pandas as pd
 import pytest
 
 from conftest import REPO
@@ -10,6 +12,7 @@ from conftest import REPO
 def _script(name):
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # importable by name, so worker processes can unpickle its functions
     spec.loader.exec_module(module)
     return module
 
@@ -127,3 +130,42 @@ def test_packaged_bundle_runs_inference_in_a_fresh_environment(tmp_path, dicom_f
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     decisions = json.loads((root / "models" / "inference" / "decisions.json").read_text())
     assert len(decisions["images"]) == 2 and all(i["status"] == "ok" for i in decisions["images"])
+
+
+def test_prepare_nih_from_a_folder_and_an_archive(nih_dir, tmp_path, capsys):
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    prepare = _script("prepare_nih")
+    names = sorted(os.listdir(nih_dir / "images_full"))[:4]
+    source = tmp_path / "download"
+    (source / "images_001" / "images").mkdir(parents=True)
+    for name in names[:2]:
+        (source / "images_001" / "images" / name).symlink_to(nih_dir / "images_full" / name)
+    with tarfile.open(source / "images_002.tar.gz", "w:gz") as tar:
+        for name in names[2:]:
+            tar.add(nih_dir / "images_full" / name, arcname=f"images/{name}")
+    broken = "00000099_000.png"  # listed in the CSV below, unreadable on disk
+    (source / broken).write_bytes(b"not a png")
+    table = pd.read_csv(nih_dir / "labels.csv")
+    table = pd.concat([table[table["Image Index"].isin(names)], table.iloc[:1].assign(**{"Image Index": broken})])
+    table.to_csv(tmp_path / "entry.csv", index=False)
+    out = tmp_path / "nih256"
+    argv = ["--source", str(source), "--data_entry", str(tmp_path / "entry.csv"), "--output_dir", str(out),
+            "--size", "256", "--workers", "2", "--test_list", str(nih_dir / "meta" / "test_list.txt")]
+    assert prepare.main(argv) == 1  # the broken file is reported
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert summary["present"] == 4 and summary["converted"] == 4 and list(summary["errors"]) == [broken]
+    assert (out / "test_list.txt").is_file() and (out / "Data_Entry_2017.csv").is_file()
+    for name in names:
+        ours = np.asarray(Image.open(out / "images" / name))
+        reference = np.asarray(Image.open(nih_dir / "images_256" / name).convert("L"))
+        assert ours.shape == (256, 256) and np.abs(ours.astype(int) - reference).max() <= 1
+    (out / "images" / "leftover.png.tmp").write_bytes(b"partial")
+    (source / broken).unlink()
+    assert prepare.main(argv) == 0  # resumed: nothing redone, the stale temporary file removed
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert summary["skipped_existing"] == 4 and summary["converted"] == 0 and summary["missing"] == 1
+    assert not (out / "images" / "leftover.png.tmp").exists()
