@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.nets import DenseNet121
 
-from conftest import NIH, require
+from conftest import NIH, require, write_tiny_run
 from medfusionnet import explain
 from medfusionnet.baselines import DenseNet121Tabular
 from medfusionnet.constants import LABELS
@@ -254,16 +254,7 @@ def test_map_similarity_and_random_maps():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_net):
-    from medfusionnet.workflows import save_run_settings
-
-    out = tmp_path_factory.mktemp("run")
-    torch.save(tiny_net.state_dict(), out / "model.pt")
-    save_run_settings(str(out), image_size=64, network_args={"name": "medfusionnet", "size": "tiny",
-                                                             "image_size": 64})
-    records = [{"age": "40", "sex": "M", "view": "PA", "follow_up": "0"},
-               {"age": "60", "sex": "F", "view": "AP", "follow_up": "3"}]
-    TabularEncoder().fit(records).save(str(out / "tabular_encoder.json"))
-    return out
+    return write_tiny_run(tmp_path_factory.mktemp("run"), tiny_net)
 
 
 def test_explain_workflow_on_the_boxed_nih_images(model_dir, tmp_path):

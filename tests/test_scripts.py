@@ -6,7 +6,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_tiny_run
 
 
 def _script(name):
@@ -59,23 +59,6 @@ def test_imbalance_study_summary_by_hand():
     assert set(study.SETTINGS) == {"baseline", "toolkit"}
 
 
-def _tiny_run(out):
-    """A training run's output folder for a tiny, untrained MedFusionNet (64 px)."""
-    import torch
-
-    from medfusionnet import TabularEncoder, create_network
-    from medfusionnet.workflows import save_run_settings
-
-    args = {"name": "medfusionnet", "size": "tiny", "image_size": 64}
-    torch.manual_seed(0)
-    torch.save(create_network(**args).state_dict(), out / "model.pt")
-    save_run_settings(str(out), image_size=64, network_args=args)
-    records = [{"age": "40", "sex": "M", "view": "PA", "follow_up": "0"},
-               {"age": "60", "sex": "F", "view": "AP", "follow_up": "2"}]
-    TabularEncoder().fit(records).save(str(out / "tabular_encoder.json"))
-    return out
-
-
 def test_package_bundle_layout(tmp_path):
     import zipfile
 
@@ -86,7 +69,7 @@ def test_package_bundle_layout(tmp_path):
     run.mkdir()
     with pytest.raises(FileNotFoundError, match="model.pt"):
         package.package(str(run), str(tmp_path / "dist"))
-    _tiny_run(run)
+    write_tiny_run(run)
     archive = package.package(str(run), str(tmp_path / "dist"))
     root = tmp_path / "dist" / package.NAME
     assert not (root / "configs" / "metadata.json").is_symlink()
@@ -110,7 +93,7 @@ def test_packaged_bundle_runs_inference_in_a_fresh_environment(tmp_path, dicom_f
     package = _script("package_bundle")
     run = tmp_path / "run"
     run.mkdir()
-    archive = package.package(str(_tiny_run(run)), str(tmp_path / "dist"))
+    archive = package.package(str(write_tiny_run(run)), str(tmp_path / "dist"))
     unpacked = tmp_path / "unpacked"
     zipfile.ZipFile(archive).extractall(unpacked)
     root = unpacked / package.NAME
