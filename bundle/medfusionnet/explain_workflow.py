@@ -23,7 +23,7 @@ from .data import folder_records
 from .handlers import load_thresholds
 from .registry import create_network
 from .tabular import TabularEncoder
-from .transforms import _find_unreadable, xray_transforms
+from .transforms import find_unreadable, xray_transforms
 from .workflows import is_main_process, saved_setting
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def explain_images(model_dir: str, inputs: str, output_dir: str, tabular_csv: st
         try:
             item = transform(dict(record))
         except Exception as err:  # MONAI wraps the reader's error; only unreadable images are skipped
-            cause = _find_unreadable(err)
+            cause = find_unreadable(err)
             if cause is None:
                 raise
             logger.warning("skipping unreadable image: %s", cause)

@@ -151,7 +151,7 @@ class XrayDataset(torch.utils.data.Dataset):
         try:
             return self.inner[index]
         except Exception as e:
-            cause = _find_unreadable(e)
+            cause = find_unreadable(e)
             if cause is None:
                 raise
             logger.warning("skipping unreadable image: %s", cause)
@@ -160,7 +160,8 @@ class XrayDataset(torch.utils.data.Dataset):
             return placeholder
 
 
-def _find_unreadable(error: BaseException | None) -> imaging.UnreadableImageError | None:
+def find_unreadable(error: BaseException | None) -> imaging.UnreadableImageError | None:
+    """The `imaging.UnreadableImageError` behind ``error`` (MONAI wraps transform errors), or None."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, imaging.UnreadableImageError):
