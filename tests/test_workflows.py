@@ -163,20 +163,29 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_cpu_training_with_torchrun(tmp_path):
+def test_two_process_cpu_training_with_torchrun(nih_dir, tmp_path):
+    """Two gloo processes train on real NIH images; the validation metrics they gather equal a single-process
+    evaluation of the saved checkpoint on the same split."""
     out = tmp_path / "ddp"
+    data = ["--dataset_dir", nih_dir, "--labels_csv", nih_dir / "labels.csv", "--images_dir", nih_dir / "images_256",
+            "--image_size", 64, "--output_dir", out, "--num_workers", 0, "--network_size", "tiny"]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
          "training", "--config_file", "['configs/train.yaml','configs/multi_gpu_train.yaml']", "--max_epochs", "1",
-         "--output_dir", str(out), "--demo_dir", str(tmp_path / "demo"), "--num_workers", "0"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+         *map(str, data)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    metrics = _check_training_outputs(out)  # the state dict has no DistributedDataParallel "module." prefix
-    # each rank validates half; the report gathers both halves, each image once
-    from medfusionnet.data import prepare_datasets
-
-    assert metrics["num_images"] == len(prepare_datasets(None, demo_dir=str(tmp_path / "demo")).val)
+    gathered = _check_training_outputs(out)  # the state dict has no DistributedDataParallel "module." prefix
+    bundle("run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--eval_split", "val", *data)
+    single = json.loads((out / "eval" / "metrics.json").read_text())
+    # each rank validated half of the split; gathered, every image counts once
+    assert gathered["num_images"] == single["num_images"] > 0
+    assert gathered["mean"]["auc"] == pytest.approx(single["mean"]["auc"], abs=1e-6)
+    for label in medfusionnet.LABELS:
+        for key in ("auc", "f1", "gmean"):
+            want = single["per_class"][label][key]
+            assert gathered["per_class"][label][key] == (None if want is None else pytest.approx(want, abs=1e-6))
 
 
 def test_cnn_weights_helper(tmp_path):

@@ -16,6 +16,17 @@ def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def finish_distributed() -> None:
+    """End a ``torchrun`` process group cleanly: wait until every rank is done, then destroy the group.
+
+    Without the barrier a rank that finishes first tears down its Gloo connections while a peer's worker threads
+    still use them, and the process can abort at exit ("terminate called without an active exception").
+    """
+    if is_distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """True on rank 0, or when not distributed: the process that writes checkpoints, reports and logs."""
     return not is_distributed() or torch.distributed.get_rank() == 0
