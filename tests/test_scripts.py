@@ -6,7 +6,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO, write_tiny_run
+from conftest import REPO, require, write_tiny_run
 
 
 def _script(name):
@@ -31,17 +31,35 @@ def test_check_dataset_counts_and_missing_files(nih_dir, tmp_path, capsys):
     assert len(json.loads(out.read_text())["missing"]) == 319
 
 
-def test_benchmark_reports_ratios_to_the_reference(tmp_path, capsys):
+def test_benchmark_reports_ratios_memory_and_data_pipeline(tmp_path, capsys):
+    images = require(REPO.parent / "shared" / "data" / "nih" / "images_full")
     bench = _script("benchmark")
     out = tmp_path / "bench.json"
-    assert bench.main(["--networks", "medfusionnet:tiny", "densenet121", "--image_size", "64", "--batch_size", "2",
-                       "--rounds", "1", "--device", "cpu", "--output", str(out)]) == 0
+    assert bench.main(["--networks", "medfusionnet:tiny", "densenet121", "--variants", "fp32", "checkpoint",
+                       "--image_size", "64", "--batch_size", "2", "--rounds", "1", "--device", "cpu",
+                       "--matmul_size", "256", "--data_dir", str(images), "--data_limit", "4", "--data_workers", "0",
+                       "--output", str(out)]) == 0
     report = json.loads(out.read_text())
-    ref, tiny = report["results"]["densenet121"], report["results"]["medfusionnet:tiny"]
-    assert ref["train_ratio"] == 1.0 and ref["gmacs_ratio"] == 1.0
-    assert tiny["gmacs_ratio"] == tiny["gmacs"] / ref["gmacs"] and tiny["params_m"] < ref["params_m"]
+    rows = {(r["network"], r["variant"]): r for r in report["results"]}
+    assert set(rows) == {("medfusionnet:tiny", "fp32"), ("medfusionnet:tiny", "checkpoint"), ("densenet121", "fp32")}
+    ref, tiny = rows["densenet121", "fp32"], rows["medfusionnet:tiny", "fp32"]
+    assert ref["train_ratio_to_reference"] == 1.0 and ref["gmacs_ratio_to_reference"] == 1.0
+    assert tiny["gmacs_ratio_to_reference"] == tiny["gmacs"] / ref["gmacs"] and tiny["params_m"] < ref["params_m"]
     assert abs(ref["params_m"] - 6.96) < 0.01  # DenseNet-121 with a 1-channel stem and the tabular head
-    assert "medfusionnet:tiny" in capsys.readouterr().out
+    assert "train_ratio_to_reference" not in rows["medfusionnet:tiny", "checkpoint"]  # no DenseNet row to compare
+    for row in rows.values():
+        assert row["peak_memory_mib"] > 0 and 0 < row["matmul_fraction"]
+        # achieved FLOP/s is three forward passes per trained image
+        assert row["train_tflop_s"] == pytest.approx(6 * row["gmacs"] * 1e9 * row["train_img_s"] / 1e12)
+    assert report["matmul_peak_tflop_s"]["float32"] > 0
+    data = report["data_pipeline"]
+    assert data["images"] == 4 and min(data["decode_img_s"], data["cache_read_img_s"]) > 0
+    assert "checkpoint" in capsys.readouterr().out
+
+
+def test_benchmark_refuses_an_unknown_variant():
+    with pytest.raises(ValueError, match="fp8"):
+        _script("benchmark").main(["--variants", "fp32", "fp8"])
 
 
 def test_imbalance_study_summary_by_hand():

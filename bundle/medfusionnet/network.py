@@ -7,6 +7,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.utils.checkpoint
 from monai.networks.blocks import FeaturePyramidNetwork
 from monai.networks.nets import DenseNet
 from torch import nn
@@ -68,9 +69,23 @@ class HybridStage(nn.Module):
         self.norm = norm
         self.c2t = c2t
         self.t2c = t2c
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, grid: List[int]
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return self._checkpointed(x, tokens, grid)
+        return self._forward(x, tokens, grid)
+
+    @torch.jit.unused
+    def _checkpointed(self, x: torch.Tensor, tokens: torch.Tensor, grid: List[int]
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # keeps only the stage's inputs and recomputes its activations in the backward pass; the RNG state is
+        # restored for the recomputation, so dropout and drop-path draw the same masks twice
+        return torch.utils.checkpoint.checkpoint(self._forward, x, tokens, grid, use_reentrant=False)
+
+    def _forward(self, x: torch.Tensor, tokens: torch.Tensor, grid: List[int]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.cnn is not None:
             x = self.cnn(x)
         token_map = tokens
@@ -256,6 +271,12 @@ class MedFusionNet(nn.Module):
         )
         self.head = PerLabelHead(num_classes, dim)
         self.embed_dim = dim
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each hybrid stage's activations during the backward pass instead of storing them: less memory
+        in training for about one more forward pass of compute (``scripts/benchmark.py --variants checkpoint``)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
 
     # ---- image branches -------------------------------------------------------------------------------------
     def _image_tokens(self, image: torch.Tensor) -> List[torch.Tensor]:

@@ -134,6 +134,39 @@ def with_cnn_weights(network, path: str | None):
     return network
 
 
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_dtype(name: str) -> torch.dtype:
+    """The autocast type named by the ``amp_dtype`` config key.
+
+    Raises:
+        ValueError: naming the key and the accepted values.
+    """
+    if name not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype='{name}' is not supported; use one of {sorted(AMP_DTYPES)}")
+    return AMP_DTYPES[name]
+
+
+def training_network(network, device, cnn_weights: str | None = None, grad_checkpointing: bool = False,
+                     channels_last: bool = False):
+    """The network as training runs it: CNN weights loaded (`with_cnn_weights`), gradient checkpointing switched on
+    when asked, moved to ``device`` (in channels-last memory format when asked, which suits tensor cores on CUDA).
+
+    Raises:
+        ValueError: when gradient checkpointing is asked of a network that does not support it.
+    """
+    network = with_cnn_weights(network, cnn_weights)
+    if grad_checkpointing:
+        if not hasattr(network, "set_grad_checkpointing"):
+            raise ValueError(f"grad_checkpointing=True, but {type(network).__name__} does not support it")
+        network.set_grad_checkpointing(True)
+    network = network.to(device)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    return network
+
+
 def check_checkpoint(path: str, network) -> None:
     """Refuse a checkpoint that does not fit ``network``, naming the mismatch (before the engine loads it).
 
