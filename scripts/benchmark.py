@@ -10,8 +10,9 @@ For every network and variant (see `medfusionnet.benchmarking.Variant`): paramet
 images/s (forward, backward and AdamW step), inference latency per batch and images/s, peak training memory, and
 achieved training FLOP/s as a fraction of a matrix product's FLOP/s measured on the same device in the same
 precision. Timings interleave all rows round by round (the first round is a warm-up, which also absorbs
-``torch.compile``'s compilation), so ratios to the reference network (the last in ``--networks``, DenseNet-121 by
-default, in the same variant) and to the first variant of the same network are measured under the same load.
+``torch.compile``'s compilation; the median of the other rounds is reported), so ratios to the reference network
+(the last in ``--networks``, DenseNet-121 by default, in the same variant) and to the first variant of the same
+network are measured under the same load.
 With ``--data_dir``, the data pipeline's images/s from those files (decoding every time, then through a disk
 cache being filled and read) is measured too.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -75,7 +77,7 @@ def _time_rows(rows, args, device) -> None:
         row["optimizer"] = torch.optim.AdamW(row["model"].parameters(), lr=1e-4)
         use_scaler = row["var"].dtype == torch.float16 and device.type == "cuda"
         row["scaler"] = torch.amp.GradScaler("cuda") if use_scaler else None
-        row["train_s"] = row["infer_s"] = 0.0
+        row["train_s"], row["infer_s"] = [], []
     for r in range(args.rounds + 1):
         for row in rows:
             start = time.perf_counter()
@@ -84,8 +86,10 @@ def _time_rows(rows, args, device) -> None:
             start = time.perf_counter()
             infer_step(row["model"], row["var"], row["batch"], device)
             if r:  # round 0 warms up (and compiles)
-                row["train_s"] += train_s
-                row["infer_s"] += time.perf_counter() - start
+                row["train_s"].append(train_s)
+                row["infer_s"].append(time.perf_counter() - start)
+    for row in rows:  # the median round: one slow round (another process, a page fault storm) does not count
+        row["train_s"], row["infer_s"] = statistics.median(row["train_s"]), statistics.median(row["infer_s"])
 
 
 def run(args) -> dict:
@@ -101,18 +105,17 @@ def run(args) -> dict:
             peaks[dtype] = matmul_peak_flops(device, dtype, n=args.matmul_size)
     flops = {spec: training_flops(build(spec), args.image_size) for spec in args.networks}
     _time_rows(rows, args, device)
-    images = args.batch_size * args.rounds
     results = []
     for row in rows:
         spec, net = row["network"], row["base"]
-        train_img_s = images / row["train_s"]
+        train_img_s = args.batch_size / row["train_s"]
         res = {
             "network": spec, "variant": row["variant"],
             "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
             "gmacs": gmacs_per_image(net, args.image_size),
             "train_img_s": train_img_s,
-            "infer_ms_per_batch": 1000 * row["infer_s"] / args.rounds,
-            "infer_img_s": images / row["infer_s"],
+            "infer_ms_per_batch": 1000 * row["infer_s"],
+            "infer_img_s": args.batch_size / row["infer_s"],
             "train_tflop_s": flops[spec] * train_img_s / 1e12,
         }
         res["matmul_fraction"] = res["train_tflop_s"] * 1e12 / peaks[row["var"].dtype or torch.float32]
