@@ -170,3 +170,67 @@ def test_prepare_nih_from_a_folder_and_an_archive(nih_dir, tmp_path, capsys):
     summary = json.loads((out / "prepare_summary.json").read_text())
     assert summary["skipped_existing"] == 4 and summary["converted"] == 0 and summary["missing"] == 1
     assert not (out / "images" / "leftover.png.tmp").exists()
+
+
+def _network_kwargs(overrides):
+    """The network keyword arguments that compare.py's bundle overrides set."""
+    import ast
+
+    names = {"--network_name": "name", "--network_size": "size"}
+    kwargs = {"name": "medfusionnet"}
+    for flag, value in zip(overrides[::2], overrides[1::2]):
+        try:
+            kwargs[names.get(flag, flag[2:])] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[names.get(flag, flag[2:])] = value
+    return kwargs
+
+
+def test_every_compared_model_builds_and_gives_logits():
+    import torch
+
+    import medfusionnet
+
+    compare = _script("compare")
+    for model, overrides in compare.MODELS.items():
+        kwargs = _network_kwargs(overrides)
+        net = medfusionnet.create_network(**kwargs, **({"size": "tiny"} if kwargs["name"] == "medfusionnet" else {}),
+                                          image_size=64).eval()
+        with torch.no_grad():
+            for tabular in (None, torch.zeros(2, medfusionnet.NUM_TABULAR_FEATURES)):
+                assert net(torch.rand(2, 1, 64, 64), tabular).shape == (2, 14), model
+
+
+def test_compare_refuses_bad_arguments(tmp_path):
+    compare = _script("compare")
+    for argv in (["--models", "resnet9"], ["--models", "cnn_only", "cnn_only"], ["--seed", "3"]):
+        with pytest.raises(SystemExit):
+            compare.main([*argv, "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_compare_ranks_models_and_resumes(tmp_path):
+    compare = _script("compare")
+    out = tmp_path / "compare"
+    shared = ["--network_size", "tiny", "--max_epochs", "1", "--num_workers", "0", "--demo_dir", str(tmp_path / "d")]
+    assert compare.main(["--models", "medfusionnet", "cnn_only", "--seeds", "0", "--output_dir", str(out),
+                         *shared]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert "friedman" not in stats and len(stats["wilcoxon_holm"]) == 1  # two models: pairwise test only
+    first = (out / "runs" / "medfusionnet" / "seed0" / "run_info.json").stat().st_mtime_ns
+    # a third model: the two finished runs are reused, not retrained
+    assert compare.main(["--models", "medfusionnet", "cnn_only", "no_tabular", "--seeds", "0", "--output_dir",
+                         str(out), *shared]) == 0
+    assert (out / "runs" / "medfusionnet" / "seed0" / "run_info.json").stat().st_mtime_ns == first
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results["model"]) == ["cnn_only", "medfusionnet", "no_tabular"]
+    params = dict(zip(results["model"], results["params_m"]))
+    assert params["cnn_only"] < params["no_tabular"] < params["medfusionnet"]  # the ablations drop parts
+    stats = json.loads((out / "stats.json").read_text())
+    ranks = stats["friedman"]["mean_ranks"]
+    assert sum(ranks.values()) == pytest.approx(6.0)  # 1 + 2 + 3 in every block
+    assert 2 <= stats["friedman"]["blocks"] <= 14 and 0 <= stats["friedman"]["p_value"] <= 1
+    assert stats["nemenyi"]["critical_difference"] > 0 and len(stats["nemenyi"]["pairs"]) == 3
+    summary = (out / "summary.md").read_text()
+    assert all(m in summary for m in ("medfusionnet", "cnn_only", "no_tabular")) and "Friedman" in summary
+    assert (out / "ranks.png").stat().st_size > 0 and (out / "per_class_auc.png").stat().st_size > 0

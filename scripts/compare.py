@@ -1,0 +1,205 @@
+"""Train and evaluate several networks and ablations on the same data, split, budget and seeds; rank them.
+
+    python scripts/compare.py --models medfusionnet densenet121 cnn_only no_interaction --seeds 0 1 2 \\
+        --output_dir runs/compare [--max_epochs 30] [any other train.yaml override, e.g. --dataset_dir /data/nih]
+
+Each (model, seed) run is ``python -m monai.bundle run training`` then the evaluate workflow on the test split,
+in ``<output_dir>/runs/<model>/seed<k>``, with the model's overrides (`MODELS`) added to the shared ones. A run
+whose ``run_info.json`` exists is not redone, so an interrupted comparison resumes. Outputs in ``<output_dir>``:
+``results.csv`` (one row per run), ``per_class_auc.csv``, ``summary.md`` (mean and standard deviation over seeds
+of mean AUC, macro F1, macro G-mean, accuracy, training time, parameters; the Friedman test over blocks = seeds x
+findings of per-finding test AUC; Nemenyi critical difference; Wilcoxon-Holm pairs), ``stats.json``,
+``ranks.png`` and ``per_class_auc.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import medfusionnet
+from medfusionnet.comparison import friedman_test, nemenyi_pairs, wilcoxon_holm
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("compare")
+
+# The bundle's overrides that make each model; ablations switch off one part of MedFusionNet (docs/architecture.md)
+MODELS: dict[str, list[str]] = {
+    "medfusionnet": [],
+    "densenet121": ["--network_name", "densenet121"],
+    "cnn_only": ["--branches", "['cnn']"],
+    "transformer_only": ["--branches", "['transformer']"],
+    "cnn_transformer": ["--branches", "['cnn','transformer']"],
+    "no_interaction": ["--interaction", "False"],
+    "no_fpn": ["--fpn", "False"],
+    "no_tabular": ["--use_tabular", "False"],
+    "concat_fusion": ["--fusion", "concat"],
+}
+METRICS = ("auc", "f1", "gmean", "accuracy")
+
+
+def _bundle(args: list[str], log_path: Path) -> None:
+    """Run ``python -m monai.bundle <args>`` from the bundle root, its output in ``log_path``; raise on failure."""
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=BUNDLE_ROOT, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"'monai.bundle {' '.join(args[:2])}' failed (exit {proc.returncode}); see "
+                           f"{log_path}:\n{tail}")
+
+
+def run_one(model: str, seed: int, run_dir: Path, shared: list[str]) -> dict:
+    """Train and evaluate one model with one seed (or read the finished run); returns its ``run_info``."""
+    info_path = run_dir / "run_info.json"
+    if info_path.is_file():
+        logger.info("%s seed %d: finished earlier, reusing %s", model, seed, info_path)
+        return json.loads(info_path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = [*shared, *MODELS[model], "--seed", str(seed), "--output_dir", str(run_dir)]
+    logger.info("%s seed %d: training", model, seed)
+    start = time.perf_counter()
+    _bundle(["run", "training", "--config_file", "configs/train.yaml", *overrides], run_dir / "train.log")
+    train_s = time.perf_counter() - start
+    logger.info("%s seed %d: evaluating (trained in %.0f s)", model, seed, train_s)
+    _bundle(["run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *overrides],
+            run_dir / "evaluate.log")
+    report = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    network_args = json.loads((run_dir / "run_settings.json").read_text())["network_args"]
+    net = medfusionnet.create_network(**network_args)
+    info = {
+        "model": model, "seed": seed, "train_seconds": train_s,
+        "params_m": sum(p.numel() for p in net.parameters()) / 1e6, "num_test_images": report["num_images"],
+        **{m: report["mean"][m] for m in METRICS},
+        "per_class_auc": {k: v["auc"] for k, v in report["per_class"].items()},
+    }
+    tmp = info_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, info_path)  # written last and atomically: its presence means the run is complete
+    return info
+
+
+def summarize(infos: list[dict], models: list[str], alpha: float = 0.05) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Per-run table, per-class AUC table and the rank statistics (blocks = seeds x findings)."""
+    results = pd.DataFrame([{k: v for k, v in i.items() if k != "per_class_auc"} for i in infos])
+    per_class = pd.DataFrame([{"model": i["model"], "seed": i["seed"], **i["per_class_auc"]} for i in infos])
+    labels = [c for c in per_class.columns if c not in ("model", "seed")]
+    long = per_class.melt(id_vars=["model", "seed"], value_vars=labels, var_name="finding", value_name="auc")
+    table = long.pivot_table(index=["seed", "finding"], columns="model", values="auc", dropna=False)[models]
+    stats = {"blocks": "seeds x findings (test AUC per finding)"}
+    if len(models) >= 3:
+        friedman = friedman_test(table.to_numpy(dtype=float), models)
+        stats["friedman"] = friedman
+        stats["nemenyi"] = nemenyi_pairs(friedman["mean_ranks"], friedman["blocks"], alpha)
+    else:
+        logger.warning("the Friedman test needs 3 or more models; ranks only")
+    if len(models) >= 2:
+        stats["wilcoxon_holm"] = wilcoxon_holm(table.to_numpy(dtype=float), models, alpha)
+    return results, per_class, stats
+
+
+def write_report(output_dir: Path, results: pd.DataFrame, per_class: pd.DataFrame, stats: dict,
+                 models: list[str]) -> None:
+    """``results.csv``, ``per_class_auc.csv``, ``stats.json``, ``summary.md`` and the two figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results.to_csv(output_dir / "results.csv", index=False)
+    per_class.to_csv(output_dir / "per_class_auc.csv", index=False)
+    (output_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    columns = [*METRICS, "train_seconds", "params_m"]
+    grouped = results.groupby("model")[columns]
+    mean, std = grouped.mean().reindex(models), grouped.std(ddof=0).reindex(models)
+    seeds = results.groupby("model")["seed"].count().reindex(models)
+    lines = ["| model | seeds | mean AUC | macro F1 | macro G-mean | accuracy | train s | params M | mean rank |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    ranks = stats.get("friedman", {}).get("mean_ranks", {})
+    for m in models:
+        cells = [f"{mean.loc[m, c]:.4f} ± {std.loc[m, c]:.4f}" for c in METRICS]
+        rank = f"{ranks[m]:.2f}" if m in ranks else ""
+        lines.append(f"| {m} | {seeds[m]} | {' | '.join(cells)} | {mean.loc[m, 'train_seconds']:.0f} | "
+                     f"{mean.loc[m, 'params_m']:.2f} | {rank} |")
+    if "friedman" in stats:
+        f, n = stats["friedman"], stats["nemenyi"]
+        lines += ["", f"Friedman test over {f['blocks']} blocks ({stats['blocks']}): chi2 = {f['statistic']:.3f}, "
+                      f"p = {f['p_value']:.3g}. Nemenyi critical difference of mean ranks at alpha "
+                      f"{n['alpha']}: {n['critical_difference']:.3f}.", "",
+                  "| pair | rank difference | Nemenyi | Wilcoxon p (Holm) |", "|---|---|---|---|"]
+        wilcoxon = {(p["a"], p["b"]): p for p in stats["wilcoxon_holm"]}
+        for p in n["pairs"]:
+            w = wilcoxon[p["a"], p["b"]]
+            lines.append(f"| {p['a']} vs {p['b']} | {p['rank_difference']:.3f} | "
+                         f"{'differ' if p['significant'] else 'n.s.'} | {w['p_holm']:.3g}"
+                         f"{' *' if w['significant'] else ''} |")
+    (output_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    if ranks:
+        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(models)))
+        order = sorted(models, key=ranks.get)
+        cd = stats["nemenyi"]["critical_difference"]
+        ax.errorbar([ranks[m] for m in order], range(len(order)), xerr=cd / 2, fmt="o", capsize=4)
+        ax.set_yticks(range(len(order)), order)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"mean rank (1 = best); bars span the Nemenyi CD = {cd:.2f}")
+        fig.tight_layout()
+        fig.savefig(output_dir / "ranks.png", dpi=120)
+        plt.close(fig)
+    labels = [c for c in per_class.columns if c not in ("model", "seed")]
+    means = per_class.groupby("model")[labels].mean().reindex(models)
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.7), 4))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        ax.bar(np.arange(len(labels)) + i * width, means.loc[m].to_numpy(dtype=float), width, label=m)
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, rotation=45, ha="right")
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")  # chance
+    ax.set_ylabel("test AUC (mean over seeds)")
+    ax.set_ylim(0.0, 1.0)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(output_dir / "per_class_auc.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog="Arguments not listed here are passed to every training and evaluation.")
+    parser.add_argument("--models", nargs="+", default=["medfusionnet", "densenet121", "cnn_only", "no_interaction"],
+                        help=f"any of {', '.join(MODELS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the post-hoc tests")
+    args, shared = parser.parse_known_args(argv)
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if len(set(args.models)) != len(args.models):
+        parser.error("--models lists a model twice")
+    reserved = [a for a in shared if a in ("--seed", "--output_dir")]
+    if reserved:
+        parser.error(f"{reserved} are set per run by compare.py")
+    # the runs start in the bundle root: paths given relative to the caller's folder are made absolute
+    shared = [os.path.abspath(a) if not a.startswith("-") and os.path.exists(a) else a for a in shared]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    output_dir = Path(args.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    infos = [run_one(m, s, output_dir / "runs" / m / f"seed{s}", shared) for m in args.models for s in args.seeds]
+    results, per_class, stats = summarize(infos, args.models, args.alpha)
+    write_report(output_dir, results, per_class, stats, args.models)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
