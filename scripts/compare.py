@@ -36,6 +36,11 @@ logger = logging.getLogger("compare")
 MODELS: dict[str, list[str]] = {
     "medfusionnet": [],
     "densenet121": ["--network_name", "densenet121"],
+    # through timm (pip install "medfusionnet[baselines]")
+    "resnet50": ["--network_name", "resnet50"],
+    "convnext_tiny": ["--network_name", "convnext_tiny"],
+    "deit_small": ["--network_name", "deit_small"],
+    "inception_resnet_v2": ["--network_name", "inception_resnet_v2"],
     "cnn_only": ["--branches", "['cnn']"],
     "transformer_only": ["--branches", "['transformer']"],
     "cnn_transformer": ["--branches", "['cnn','transformer']"],

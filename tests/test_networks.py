@@ -53,3 +53,16 @@ def test_registry():
     assert isinstance(medfusionnet.create_network("densenet121", num_classes=3), DenseNet121Tabular)
     with pytest.raises(ValueError, match="network_name='resnet'"):
         medfusionnet.create_network("resnet")
+
+
+def test_timm_baseline_without_timm_names_the_extra():
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here; tests/test_timm_baselines.py covers the networks")
+    import medfusionnet
+
+    with pytest.raises(ImportError, match=r"medfusionnet\[baselines\]"):
+        medfusionnet.create_network("resnet50")

@@ -187,18 +187,24 @@ def _network_kwargs(overrides):
 
 
 def test_every_compared_model_builds_and_gives_logits():
+    import importlib.util
+
     import torch
 
     import medfusionnet
+    from medfusionnet.registry import TIMM_NETWORKS
 
     compare = _script("compare")
+    has_timm = importlib.util.find_spec("timm") is not None
     for model, overrides in compare.MODELS.items():
         kwargs = _network_kwargs(overrides)
+        if kwargs["name"] in TIMM_NETWORKS and not has_timm:
+            continue  # the optional extra; tests/test_timm_baselines.py covers these where it is installed
         net = medfusionnet.create_network(**kwargs, **({"size": "tiny"} if kwargs["name"] == "medfusionnet" else {}),
-                                          image_size=64).eval()
+                                          image_size=96).eval()
         with torch.no_grad():
             for tabular in (None, torch.zeros(2, medfusionnet.NUM_TABULAR_FEATURES)):
-                assert net(torch.rand(2, 1, 64, 64), tabular).shape == (2, 14), model
+                assert net(torch.rand(2, 1, 96, 96), tabular).shape == (2, 14), model
 
 
 def test_compare_refuses_bad_arguments(tmp_path):

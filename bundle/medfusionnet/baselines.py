@@ -71,3 +71,109 @@ class DenseNet121Tabular(nn.Module):
 
     def forward(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(image, tabular))
+
+
+class TimmTabular(nn.Module):
+    """A backbone from timm (``pip install "medfusionnet[baselines]"``) on a 1-channel X-ray, with the tabular
+    embedding concatenated to its pooled features before the classifier: the comparison networks of the paper
+    (ResNet-50, ConvNeXt, DeiT, Inception-ResNet-v2) with the same interface and head as `DenseNet121Tabular`.
+
+    Subclasses fix ``timm_name``; ``model_name`` overrides it. ``pretrained_path`` initialises the backbone from a
+    local timm state dict file (nothing is downloaded): an RGB first convolution is summed to ``in_channels`` with
+    timm's ``adapt_input_conv`` and the original classifier is dropped.
+
+    Raises:
+        ImportError: naming the extra to install when timm is missing.
+    """
+
+    timm_name = ""
+
+    def __init__(
+        self,
+        num_classes: int = 14,
+        in_channels: int = 1,
+        num_tabular_features: int = NUM_TABULAR_FEATURES,
+        use_tabular: bool = True,
+        tabular_embed_dim: int = 32,
+        dropout_rate: float = 0.2,
+        image_size: int = 224,
+        model_name: Optional[str] = None,
+        pretrained_path: Optional[str] = None,
+    ):
+        super().__init__()
+        try:
+            import timm
+        except ImportError as e:  # torchvision, which timm needs, must match the installed torch
+            raise ImportError(f"network '{model_name or self.timm_name}' needs timm: pip install "
+                              "\"medfusionnet[baselines]\"") from e
+        name = model_name or self.timm_name
+        extra = {"img_size": int(image_size)} if name.startswith(("deit", "vit")) else {}
+        self.backbone = timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0, **extra)
+        if pretrained_path:
+            self.load_backbone_weights(pretrained_path)
+        self.use_tabular = use_tabular
+        self.tabular = TabularMLP(num_tabular_features, tabular_embed_dim)
+        self.dropout = nn.Dropout(dropout_rate)
+        self.head = nn.Linear(self.backbone.num_features + (tabular_embed_dim if use_tabular else 0), num_classes)
+
+    def load_backbone_weights(self, path: str) -> None:
+        """Load a local timm state dict into the backbone, adapting the first convolution to the input channels.
+
+        Raises:
+            ValueError: naming the file when backbone weights other than the classifier's are missing from it.
+        """
+        from timm.models import adapt_input_conv
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        cfg = self.backbone.pretrained_cfg
+        first = f"{cfg['first_conv']}.weight" if isinstance(cfg.get("first_conv"), str) else None
+        if first in state and state[first].shape[1] != self.backbone.state_dict()[first].shape[1]:
+            state[first] = adapt_input_conv(self.backbone.state_dict()[first].shape[1], state[first])
+        classifier = cfg.get("classifier")
+        classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+        state = {k: v for k, v in state.items() if not any(c and k.startswith(f"{c}.") for c in classifiers)}
+        missing, _ = self.backbone.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"{path} lacks {len(missing)} backbone weight(s) of '{cfg.get('architecture')}', e.g. "
+                             f"{missing[:3]}")
+
+    def forward_features(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pooled image features, with the tabular embedding appended when ``use_tabular``: ``(B, D)``."""
+        x = self.backbone(image)
+        if self.use_tabular:
+            x = torch.cat([x, self.tabular(tabular, x.shape[0])], dim=1)
+        return x
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` from `forward_features`' output."""
+        return self.head(self.dropout(features))
+
+    def forward(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(image, tabular))
+
+
+class ResNet50Tabular(TimmTabular):
+    """ResNet-50 (He et al. 2016) through timm, with the tabular embedding; a baseline of the MedFusionNet paper."""
+
+    timm_name = "resnet50"
+
+
+class ConvNeXtTinyTabular(TimmTabular):
+    """ConvNeXt-T (Liu et al. 2022) through timm, with the tabular embedding; a baseline of the MedFusionNet paper."""
+
+    timm_name = "convnext_tiny"
+
+
+class DeiTSmallTabular(TimmTabular):
+    """DeiT-S (Touvron et al. 2021; 16 px patches, position embeddings for ``image_size``) through timm, with the
+    tabular embedding; a baseline of the MedFusionNet paper."""
+
+    timm_name = "deit_small_patch16_224"
+
+
+class InceptionResNetV2Tabular(TimmTabular):
+    """Inception-ResNet-v2 (Szegedy et al. 2017) through timm, with the tabular embedding; a baseline of the
+    MedFusionNet paper (inputs of 75 px or more)."""
+
+    timm_name = "inception_resnet_v2"

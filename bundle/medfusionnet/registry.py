@@ -7,7 +7,14 @@ import logging
 
 from torch import nn
 
-from .baselines import DenseNet121Tabular
+from .baselines import (
+    ConvNeXtTinyTabular,
+    DeiTSmallTabular,
+    DenseNet121Tabular,
+    InceptionResNetV2Tabular,
+    ResNet50Tabular,
+    TimmTabular,
+)
 from .network import MedFusionNet
 
 logger = logging.getLogger(__name__)
@@ -15,7 +22,14 @@ logger = logging.getLogger(__name__)
 NETWORKS: dict[str, type[nn.Module]] = {
     "medfusionnet": MedFusionNet,
     "densenet121": DenseNet121Tabular,
+    # through timm, an optional dependency (pip install "medfusionnet[baselines]")
+    "resnet50": ResNet50Tabular,
+    "convnext_tiny": ConvNeXtTinyTabular,
+    "deit_small": DeiTSmallTabular,
+    "inception_resnet_v2": InceptionResNetV2Tabular,
+    "timm": TimmTabular,  # any timm model: --network_args#model_name <timm name>
 }
+TIMM_NETWORKS = ("resnet50", "convnext_tiny", "deit_small", "inception_resnet_v2", "timm")
 
 
 def create_network(name: str, **kwargs) -> nn.Module:
