@@ -205,6 +205,14 @@ def test_every_compared_model_builds_and_gives_logits():
         with torch.no_grad():
             for tabular in (None, torch.zeros(2, medfusionnet.NUM_TABULAR_FEATURES)):
                 assert net(torch.rand(2, 1, 96, 96), tabular).shape == (2, 14), model
+        # and a training step changes the weights
+        net.train()
+        before = [p.detach().clone() for p in net.parameters()]
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(torch.rand(2, 1, 96, 96)), torch.ones(2, 14))
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, net.parameters())), model
 
 
 def test_compare_refuses_bad_arguments(tmp_path):
