@@ -31,7 +31,37 @@ class TabularMLP(nn.Module):
         return self.mlp(tabular)
 
 
-class DenseNet121Tabular(nn.Module):
+class LateFusionClassifier(nn.Module):
+    """Base of the baselines: pooled image features from the subclass's ``image_features``, the tabular embedding
+    appended when ``use_tabular``, dropout and one linear classifier."""
+
+    def _build_head(self, num_image_features: int, num_classes: int, num_tabular_features: int, use_tabular: bool,
+                    tabular_embed_dim: int, dropout_rate: float) -> None:
+        self.use_tabular = use_tabular
+        self.tabular = TabularMLP(num_tabular_features, tabular_embed_dim)
+        self.dropout = nn.Dropout(dropout_rate)
+        self.head = nn.Linear(num_image_features + (tabular_embed_dim if use_tabular else 0), num_classes)
+
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Pooled image features ``(B, D)``; defined by each baseline."""
+        raise NotImplementedError
+
+    def forward_features(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pooled image features, with the tabular embedding appended when ``use_tabular``: ``(B, D)``."""
+        x = self.image_features(image)
+        if self.use_tabular:
+            x = torch.cat([x, self.tabular(tabular, x.shape[0])], dim=1)
+        return x
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` from `forward_features`' output."""
+        return self.head(self.dropout(features))
+
+    def forward(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(image, tabular))
+
+
+class DenseNet121Tabular(LateFusionClassifier):
     """MONAI's DenseNet-121 on a 1-channel X-ray, with the tabular embedding concatenated before the classifier.
 
     Shapes: image ``(B, in_channels, H, W)`` (H, W >= 32), tabular ``(B, num_tabular_features)`` or None;
@@ -50,30 +80,16 @@ class DenseNet121Tabular(nn.Module):
         super().__init__()
         backbone = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
         self.features = backbone.features
-        num_features = backbone.class_layers.out.in_features
-        self.use_tabular = use_tabular
-        self.tabular = TabularMLP(num_tabular_features, tabular_embed_dim)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout_rate)
-        self.head = nn.Linear(num_features + (tabular_embed_dim if use_tabular else 0), num_classes)
+        self._build_head(backbone.class_layers.out.in_features, num_classes, num_tabular_features, use_tabular,
+                         tabular_embed_dim, dropout_rate)
 
-    def forward_features(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Pooled image features, with the tabular embedding appended when ``use_tabular``: ``(B, D)``."""
-        x = torch.relu(self.features(image))
-        x = torch.flatten(self.pool(x), 1)  # (B, 1024)
-        if self.use_tabular:
-            x = torch.cat([x, self.tabular(tabular, x.shape[0])], dim=1)
-        return x
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` from `forward_features`' output."""
-        return self.head(self.dropout(features))
-
-    def forward(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(image, tabular))
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """DenseNet's last feature map, ReLU and global average pooling: ``(B, 1024)``."""
+        return torch.flatten(self.pool(torch.relu(self.features(image))), 1)
 
 
-class TimmTabular(nn.Module):
+class TimmTabular(LateFusionClassifier):
     """A backbone from timm (``pip install "medfusionnet[baselines]"``) on a 1-channel X-ray, with the tabular
     embedding concatenated to its pooled features before the classifier: the comparison networks of the paper
     (ResNet-50, ConvNeXt, DeiT, Inception-ResNet-v2) with the same interface and head as `DenseNet121Tabular`.
@@ -111,10 +127,8 @@ class TimmTabular(nn.Module):
         self.backbone = timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0, **extra)
         if pretrained_path:
             self.load_backbone_weights(pretrained_path)
-        self.use_tabular = use_tabular
-        self.tabular = TabularMLP(num_tabular_features, tabular_embed_dim)
-        self.dropout = nn.Dropout(dropout_rate)
-        self.head = nn.Linear(self.backbone.num_features + (tabular_embed_dim if use_tabular else 0), num_classes)
+        self._build_head(self.backbone.num_features, num_classes, num_tabular_features, use_tabular,
+                         tabular_embed_dim, dropout_rate)
 
     def load_backbone_weights(self, path: str) -> None:
         """Load a local timm state dict into the backbone, adapting the first convolution to the input channels.
@@ -138,19 +152,9 @@ class TimmTabular(nn.Module):
             raise ValueError(f"{path} lacks {len(missing)} backbone weight(s) of '{cfg.get('architecture')}', e.g. "
                              f"{missing[:3]}")
 
-    def forward_features(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Pooled image features, with the tabular embedding appended when ``use_tabular``: ``(B, D)``."""
-        x = self.backbone(image)
-        if self.use_tabular:
-            x = torch.cat([x, self.tabular(tabular, x.shape[0])], dim=1)
-        return x
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` from `forward_features`' output."""
-        return self.head(self.dropout(features))
-
-    def forward(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(image, tabular))
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features ``(B, num_features)``."""
+        return self.backbone(image)
 
 
 class ResNet50Tabular(TimmTabular):
