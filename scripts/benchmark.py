@@ -132,7 +132,7 @@ def run(args) -> dict:
             res["infer_ratio_to_reference"] = res["infer_img_s"] / ref["infer_img_s"]
             res["gmacs_ratio_to_reference"] = res["gmacs"] / ref["gmacs"]
         res["train_ratio_to_first_variant"] = res["train_img_s"] / first["train_img_s"]
-        if args.memory and first["peak_memory_mib"] > 0:
+        if args.memory and first.get("peak_memory_mib") and res.get("peak_memory_mib") is not None:
             res["memory_ratio_to_first_variant"] = res["peak_memory_mib"] / first["peak_memory_mib"]
     report = {
         "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,

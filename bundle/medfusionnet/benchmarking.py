@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import multiprocessing
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .constants import NUM_CLASSES
 from .tabular import NUM_TABULAR_FEATURES
+
+logger = logging.getLogger(__name__)
 
 VARIANT_OPTIONS = ("fp32", "bf16", "fp16", "channels_last", "checkpoint", "compile")
 
@@ -181,7 +185,7 @@ def _cpu_memory_probe(net: torch.nn.Module, variant_name: str, image_size: int, 
 
 
 def peak_training_memory_mib(net: torch.nn.Module, variant: Variant, image_size: int, batch_size: int,
-                             device: torch.device, steps: int = 3) -> float:
+                             device: torch.device, steps: int = 3) -> float | None:
     """Peak memory of training steps, in MiB.
 
     On CUDA: the allocator's peak (weights, gradients, optimiser state, activations). On CPU: the growth of the
@@ -198,6 +202,9 @@ def peak_training_memory_mib(net: torch.nn.Module, variant: Variant, image_size:
         for _ in range(steps):
             train_step(net, optimizer, variant, batch, device)
         return torch.cuda.max_memory_allocated(device) / 2**20
+    if not os.path.exists("/proc/self/clear_refs"):
+        logger.warning("peak CPU memory is measured on Linux only; not reported here")
+        return None
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_cpu_memory_probe, (net.cpu(), variant.name, image_size, batch_size, steps))
 
