@@ -12,7 +12,7 @@ from monai.losses import FocalLoss
 from torch import nn
 from torch.nn import functional as F
 
-LOSSES = ("bce", "focal", "asl", "focal_asl")
+LOSSES = ("bce", "focal", "asl", "focal_asl", "bce_focal")
 
 
 def class_weights(positives: Sequence[float], num_samples: int, power: float = 0.5) -> torch.Tensor:
@@ -86,6 +86,17 @@ class ParetoCombinedLoss(nn.Module):
         return self.alpha_ * l1 + (1.0 - self.alpha_) * l2
 
 
+class SumLoss(nn.Module):
+    """The plain sum of several losses on the same logits and targets (CONVFCMAE's BCE + focal)."""
+
+    def __init__(self, *losses: nn.Module):
+        super().__init__()
+        self.losses = nn.ModuleList(losses)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sum(loss(logits, target) for loss in self.losses)
+
+
 def create_loss(
     name: str = "focal",
     label_counts: Sequence[float] | None = None,
@@ -96,8 +107,8 @@ def create_loss(
     asl_clip: float = 0.05,
     output_dir: str | None = None,
 ) -> nn.Module:
-    """The training loss by name: ``bce``, ``focal`` (MONAI `FocalLoss`, sigmoid, per-class weights), ``asl`` or
-    ``focal_asl`` (their Pareto-balanced sum).
+    """The training loss by name: ``bce``, ``focal`` (MONAI `FocalLoss`, sigmoid, per-class weights), ``asl``,
+    ``focal_asl`` (their Pareto-balanced sum, CTransCNN's) or ``bce_focal`` (BCE plus focal, CONVFCMAE's).
 
     Class weights come from ``label_counts`` and ``num_samples`` (`class_weights`); without counts, or with
     ``class_weight_power`` 0, classes weigh the same. With ``output_dir`` the weights are saved there as
@@ -112,12 +123,15 @@ def create_loss(
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "class_weights.json"), "w") as f:
             json.dump({"power": class_weight_power, "weights": None if weight is None else weight.tolist()}, f)
+    bce = nn.BCEWithLogitsLoss(pos_weight=None, weight=weight)
     if name == "bce":
-        return nn.BCEWithLogitsLoss(pos_weight=None, weight=weight)
+        return bce
     focal = FocalLoss(gamma=gamma, weight=weight, use_softmax=False, reduction="mean")
     asl = AsymmetricLoss(gamma_pos=0.0, gamma_neg=asl_gamma_neg, clip=asl_clip, weight=weight)
     if name == "focal":
         return focal
     if name == "asl":
         return asl
+    if name == "bce_focal":
+        return SumLoss(bce, focal)
     return ParetoCombinedLoss(focal, asl)
