@@ -89,6 +89,31 @@ class DenseNet121Tabular(LateFusionClassifier):
         return torch.flatten(self.pool(torch.relu(self.features(image))), 1)
 
 
+def load_timm_backbone_weights(backbone: nn.Module, path: str) -> None:
+    """Load a local timm state dict file into a timm ``backbone``: an RGB first convolution is summed to the
+    backbone's input channels with timm's ``adapt_input_conv``, and the original classifier is dropped.
+
+    Raises:
+        ValueError: naming the file when backbone weights other than the classifier's are missing from it.
+    """
+    from timm.models import adapt_input_conv
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    cfg = backbone.pretrained_cfg
+    own = backbone.state_dict()
+    first = f"{cfg['first_conv']}.weight" if isinstance(cfg.get("first_conv"), str) else None
+    if first in state and first in own and state[first].shape[1] != own[first].shape[1]:
+        state[first] = adapt_input_conv(own[first].shape[1], state[first])
+    classifier = cfg.get("classifier")
+    classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    state = {k: v for k, v in state.items() if not any(c and k.startswith(f"{c}.") for c in classifiers)}
+    missing, _ = backbone.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} backbone weight(s) of '{cfg.get('architecture')}', e.g. "
+                         f"{missing[:3]}")
+
+
 class TimmTabular(LateFusionClassifier):
     """A backbone from timm (``pip install "medfusionnet[baselines]"``) on a 1-channel X-ray, with the tabular
     embedding concatenated to its pooled features before the classifier: the comparison networks of the paper
@@ -131,26 +156,8 @@ class TimmTabular(LateFusionClassifier):
                          tabular_embed_dim, dropout_rate)
 
     def load_backbone_weights(self, path: str) -> None:
-        """Load a local timm state dict into the backbone, adapting the first convolution to the input channels.
-
-        Raises:
-            ValueError: naming the file when backbone weights other than the classifier's are missing from it.
-        """
-        from timm.models import adapt_input_conv
-
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        cfg = self.backbone.pretrained_cfg
-        first = f"{cfg['first_conv']}.weight" if isinstance(cfg.get("first_conv"), str) else None
-        if first in state and state[first].shape[1] != self.backbone.state_dict()[first].shape[1]:
-            state[first] = adapt_input_conv(self.backbone.state_dict()[first].shape[1], state[first])
-        classifier = cfg.get("classifier")
-        classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-        state = {k: v for k, v in state.items() if not any(c and k.startswith(f"{c}.") for c in classifiers)}
-        missing, _ = self.backbone.load_state_dict(state, strict=False)
-        if missing:
-            raise ValueError(f"{path} lacks {len(missing)} backbone weight(s) of '{cfg.get('architecture')}', e.g. "
-                             f"{missing[:3]}")
+        """Load a local timm state dict into the backbone (`load_timm_backbone_weights`)."""
+        load_timm_backbone_weights(self.backbone, path)
 
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled features ``(B, num_features)``."""
@@ -181,3 +188,17 @@ class InceptionResNetV2Tabular(TimmTabular):
     MedFusionNet paper (inputs of 75 px or more)."""
 
     timm_name = "inception_resnet_v2"
+
+
+class EfficientNetB0Tabular(TimmTabular):
+    """EfficientNet-B0 (Tan and Le 2019) through timm, with the tabular embedding; a member of the ensemble of
+    ``seeds/004`` (`related.ProbabilityEnsemble`)."""
+
+    timm_name = "efficientnet_b0"
+
+
+class InceptionV3Tabular(TimmTabular):
+    """Inception-v3 (Szegedy et al. 2016) through timm, with the tabular embedding; a member of the ensemble of
+    ``seeds/004`` (inputs of 75 px or more)."""
+
+    timm_name = "inception_v3"

@@ -11,11 +11,14 @@ from .baselines import (
     ConvNeXtTinyTabular,
     DeiTSmallTabular,
     DenseNet121Tabular,
+    EfficientNetB0Tabular,
     InceptionResNetV2Tabular,
+    InceptionV3Tabular,
     ResNet50Tabular,
     TimmTabular,
 )
 from .network import MedFusionNet
+from .related import ConvFCMAE, CTransCNN, ProbabilityEnsemble
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +30,17 @@ NETWORKS: dict[str, type[nn.Module]] = {
     "convnext_tiny": ConvNeXtTinyTabular,
     "deit_small": DeiTSmallTabular,
     "inception_resnet_v2": InceptionResNetV2Tabular,
+    "efficientnet_b0": EfficientNetB0Tabular,
+    "inception_v3": InceptionV3Tabular,
     "timm": TimmTabular,  # any timm model: --network_args#model_name <timm name>
+    # the related systems (related.py)
+    "convfcmae": ConvFCMAE,  # needs timm
+    "ctranscnn": CTransCNN,
+    "ensemble": ProbabilityEnsemble,  # the default members need timm
 }
-TIMM_NETWORKS = ("resnet50", "convnext_tiny", "deit_small", "inception_resnet_v2", "timm")
+# the networks that need timm (the ensemble through its default members)
+TIMM_NETWORKS = ("resnet50", "convnext_tiny", "deit_small", "inception_resnet_v2", "efficientnet_b0", "inception_v3",
+                 "timm", "convfcmae", "ensemble")
 
 
 def create_network(name: str, **kwargs) -> nn.Module:
