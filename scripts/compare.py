@@ -4,7 +4,9 @@
         --output_dir runs/compare [--max_epochs 30] [any other train.yaml override, e.g. --dataset_dir /data/nih]
 
 Each (model, seed) run is ``python -m monai.bundle run training`` then the evaluate workflow on the test split,
-in ``<output_dir>/runs/<model>/seed<k>``, with the model's overrides (`MODELS`) added to the shared ones. A run
+in ``<output_dir>/runs/<model>/seed<k>``, with the model's overrides (`MODELS`) added to the shared ones. An
+ensemble (`ENSEMBLES`) is not trained itself: its members' runs are, then combined into its ``model.pt``, with
+decision thresholds chosen on the validation split, and evaluated like the others. A run
 whose ``run_info.json`` exists is not redone, so an interrupted comparison resumes. Outputs in ``<output_dir>``:
 ``results.csv`` (one row per run), ``per_class_auc.csv``, ``summary.md`` (mean and standard deviation over seeds
 of mean AUC, macro F1, macro G-mean, accuracy, training time, parameters; the Friedman test over blocks = seeds x
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 import medfusionnet
 from medfusionnet.comparison import friedman_test, nemenyi_pairs, wilcoxon_holm
@@ -41,6 +44,12 @@ MODELS: dict[str, list[str]] = {
     "convnext_tiny": ["--network_name", "convnext_tiny"],
     "deit_small": ["--network_name", "deit_small"],
     "inception_resnet_v2": ["--network_name", "inception_resnet_v2"],
+    "efficientnet_b0": ["--network_name", "efficientnet_b0"],
+    "inception_v3": ["--network_name", "inception_v3"],
+    # the related systems (medfusionnet.related), each with its paper's loss
+    "convfcmae": ["--network_name", "convfcmae", "--loss_name", "bce_focal"],
+    "ctranscnn": ["--network_name", "ctranscnn", "--loss_name", "focal_asl"],
+    "ensemble": ["--network_name", "ensemble"],  # built from its members' runs (ENSEMBLES), not trained itself
     "cnn_only": ["--branches", "['cnn']"],
     "transformer_only": ["--branches", "['transformer']"],
     "cnn_transformer": ["--branches", "['cnn','transformer']"],
@@ -49,6 +58,8 @@ MODELS: dict[str, list[str]] = {
     "no_tabular": ["--use_tabular", "False"],
     "concat_fusion": ["--fusion", "concat"],
 }
+# ensembles: their members' runs (same seed) are trained first, then combined and evaluated
+ENSEMBLES: dict[str, tuple[str, ...]] = {"ensemble": ("densenet121", "efficientnet_b0", "inception_v3")}
 METRICS = ("auc", "f1", "gmean", "accuracy")
 
 
@@ -71,13 +82,23 @@ def run_one(model: str, seed: int, run_dir: Path, shared: list[str]) -> dict:
         return json.loads(info_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = [*shared, *MODELS[model], "--seed", str(seed), "--output_dir", str(run_dir)]
-    logger.info("%s seed %d: training", model, seed)
-    start = time.perf_counter()
-    _bundle(["run", "training", "--config_file", "configs/train.yaml", *overrides], run_dir / "train.log")
-    train_s = time.perf_counter() - start
+    evaluate = ["run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *overrides]
+    if model in ENSEMBLES:
+        members = [run_one(m, seed, run_dir.parents[1] / m / f"seed{seed}", shared) for m in ENSEMBLES[model]]
+        logger.info("%s seed %d: combining %s", model, seed, ", ".join(ENSEMBLES[model]))
+        build_ensemble(run_dir, [run_dir.parents[1] / m / f"seed{seed}" for m in ENSEMBLES[model]])
+        # decision thresholds chosen on validation, as training does for the other models
+        _bundle([*evaluate, "--eval_split", "val", "--eval_dir", str(run_dir / "val"), "--val_thresholds", "$None"],
+                run_dir / "validate.log")
+        os.replace(run_dir / "val" / "thresholds.json", run_dir / "thresholds.json")
+        train_s = sum(m["train_seconds"] for m in members)
+    else:
+        logger.info("%s seed %d: training", model, seed)
+        start = time.perf_counter()
+        _bundle(["run", "training", "--config_file", "configs/train.yaml", *overrides], run_dir / "train.log")
+        train_s = time.perf_counter() - start
     logger.info("%s seed %d: evaluating (trained in %.0f s)", model, seed, train_s)
-    _bundle(["run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *overrides],
-            run_dir / "evaluate.log")
+    _bundle(evaluate, run_dir / "evaluate.log")
     report = json.loads((run_dir / "eval" / "metrics.json").read_text())
     network_args = json.loads((run_dir / "run_settings.json").read_text())["network_args"]
     net = medfusionnet.create_network(**network_args)
@@ -91,6 +112,30 @@ def run_one(model: str, seed: int, run_dir: Path, shared: list[str]) -> dict:
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, info_path)  # written last and atomically: its presence means the run is complete
     return info
+
+
+def build_ensemble(run_dir: Path, member_dirs: list[Path]) -> None:
+    """Write an ensemble's ``model.pt``, ``run_settings.json`` and tabular encoder into ``run_dir`` from its
+    members' finished runs, so the bundle's evaluate and inference workflows load it like any trained model."""
+    settings = [json.loads((d / "run_settings.json").read_text()) for d in member_dirs]
+    sizes = {s["image_size"] for s in settings}
+    if len(sizes) != 1:
+        raise ValueError(f"the ensemble members were trained at different image sizes {sorted(sizes)}")
+    encoders = {(d / "tabular_encoder.json").read_text() for d in member_dirs}
+    if len(encoders) != 1:
+        raise ValueError(f"the ensemble members' tabular encoders differ ({member_dirs}): not the same training split")
+    first = settings[0]["network_args"]
+    network_args = {
+        **{k: first[k] for k in ("num_classes", "in_channels", "num_tabular_features", "use_tabular", "image_size")
+           if k in first},
+        "name": "ensemble",
+        "members": [s["network_args"]["name"] for s in settings],
+        "member_args": [{k: v for k, v in s["network_args"].items() if k != "name"} for s in settings],
+    }
+    net = medfusionnet.create_network(**network_args, member_checkpoints=[str(d / "model.pt") for d in member_dirs])
+    torch.save(net.state_dict(), run_dir / "model.pt")
+    (run_dir / "tabular_encoder.json").write_text(encoders.pop())
+    (run_dir / "run_settings.json").write_text(json.dumps({**settings[0], "network_args": network_args}, indent=2))
 
 
 def summarize(infos: list[dict], models: list[str], alpha: float = 0.05) -> tuple[pd.DataFrame, pd.DataFrame, dict]:

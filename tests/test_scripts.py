@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -200,8 +201,8 @@ def test_every_compared_model_builds_and_gives_logits():
         kwargs = _network_kwargs(overrides)
         if kwargs["name"] in TIMM_NETWORKS and not has_timm:
             continue  # the optional extra; tests/test_timm_baselines.py covers these where it is installed
-        net = medfusionnet.create_network(**kwargs, **({"size": "tiny"} if kwargs["name"] == "medfusionnet" else {}),
-                                          image_size=96).eval()
+        tiny = {"size": "tiny"} if kwargs["name"] in ("medfusionnet", "ctranscnn") else {}
+        net = medfusionnet.create_network(**kwargs, **tiny, image_size=96).eval()
         with torch.no_grad():
             for tabular in (None, torch.zeros(2, medfusionnet.NUM_TABULAR_FEATURES)):
                 assert net(torch.rand(2, 1, 96, 96), tabular).shape == (2, 14), model
@@ -223,7 +224,7 @@ def test_compare_refuses_bad_arguments(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_ranks_models_and_resumes(tmp_path):
+def test_compare_ranks_models_and_resumes(tmp_path, monkeypatch):
     compare = _script("compare")
     out = tmp_path / "compare"
     shared = ["--network_size", "tiny", "--max_epochs", "1", "--num_workers", "0", "--demo_dir", str(tmp_path / "d")]
@@ -232,19 +233,28 @@ def test_compare_ranks_models_and_resumes(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert "friedman" not in stats and len(stats["wilcoxon_holm"]) == 1  # two models: pairwise test only
     first = (out / "runs" / "medfusionnet" / "seed0" / "run_info.json").stat().st_mtime_ns
-    # a third model: the two finished runs are reused, not retrained
-    assert compare.main(["--models", "medfusionnet", "cnn_only", "no_tabular", "--seeds", "0", "--output_dir",
-                         str(out), *shared]) == 0
+    # a third model and an ensemble of the first two: the finished runs are reused, not retrained
+    monkeypatch.setitem(compare.ENSEMBLES, "ensemble", ("medfusionnet", "cnn_only"))
+    models = ["medfusionnet", "cnn_only", "no_tabular", "ensemble"]
+    assert compare.main(["--models", *models, "--seeds", "0", "--output_dir", str(out), *shared]) == 0
     assert (out / "runs" / "medfusionnet" / "seed0" / "run_info.json").stat().st_mtime_ns == first
     results = pd.read_csv(out / "results.csv")
-    assert sorted(results["model"]) == ["cnn_only", "medfusionnet", "no_tabular"]
+    assert sorted(results["model"]) == sorted(models)
     params = dict(zip(results["model"], results["params_m"]))
     assert params["cnn_only"] < params["no_tabular"] < params["medfusionnet"]  # the ablations drop parts
+    assert params["ensemble"] == pytest.approx(params["medfusionnet"] + params["cnn_only"])
+    seconds = dict(zip(results["model"], results["train_seconds"]))
+    assert seconds["ensemble"] == pytest.approx(seconds["medfusionnet"] + seconds["cnn_only"])
+    # the ensemble's test probabilities are the mean of its members'
+    preds = {m: pd.read_csv(out / "runs" / m / "seed0" / "eval" / "predictions.csv").set_index("Image Index")
+             for m in ("medfusionnet", "cnn_only", "ensemble")}
+    np.testing.assert_allclose(preds["ensemble"], (preds["medfusionnet"] + preds["cnn_only"]) / 2, atol=2e-5)
+    assert (out / "runs" / "ensemble" / "seed0" / "thresholds.json").is_file()  # chosen on validation
     stats = json.loads((out / "stats.json").read_text())
     ranks = stats["friedman"]["mean_ranks"]
-    assert sum(ranks.values()) == pytest.approx(6.0)  # 1 + 2 + 3 in every block
+    assert sum(ranks.values()) == pytest.approx(10.0)  # 1 + 2 + 3 + 4 in every block
     assert 2 <= stats["friedman"]["blocks"] <= 14 and 0 <= stats["friedman"]["p_value"] <= 1
-    assert stats["nemenyi"]["critical_difference"] > 0 and len(stats["nemenyi"]["pairs"]) == 3
+    assert stats["nemenyi"]["critical_difference"] > 0 and len(stats["nemenyi"]["pairs"]) == 6
     summary = (out / "summary.md").read_text()
     assert all(m in summary for m in ("medfusionnet", "cnn_only", "no_tabular")) and "Friedman" in summary
     assert (out / "ranks.png").stat().st_size > 0 and (out / "per_class_auc.png").stat().st_size > 0
