@@ -49,8 +49,9 @@ def test_bad_png(tmp_path, content, reason):
 def test_truncated_png(nih_dir, tmp_path):
     path = tmp_path / "trunc.png"
     path.write_bytes((nih_dir / "images_256" / "00000075_000.png").read_bytes()[:4000])
-    with pytest.raises(UnreadableImageError, match="truncated"):
+    with pytest.raises(UnreadableImageError, match="truncated") as info:
         read_xray(str(path))
+    assert info.value.path == str(path) and f"cannot read image '{path}'" in str(info.value)
 
 
 def test_missing_file_and_unknown_suffix(tmp_path):

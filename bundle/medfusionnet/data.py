@@ -36,8 +36,10 @@ from .constants import (
     LABELS,
     NO_FINDING,
     REQUIRED_COLUMNS,
+    SEX_CATEGORIES,
+    VIEW_CATEGORIES,
 )
-from .tabular import TabularEncoder, parse_age
+from .tabular import TabularEncoder, parse_age, parse_sex, parse_view
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,9 @@ def read_nih_csv(path: str, labels=LABELS) -> pd.DataFrame:
     Raises:
         ValueError: for a missing required column, a duplicate ``Image Index``, an empty or unknown finding; the
             message names the file and, for row errors, the CSV line.
+
+    Ages that cannot be parsed or are implausible, and sexes or view positions other than M/F and PA/AP, are
+    encoded as missing; a warning counts the rows and quotes the first one.
     """
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     frame.columns = [str(c).strip() for c in frame.columns]
@@ -99,13 +104,7 @@ def read_nih_csv(path: str, labels=LABELS) -> pd.DataFrame:
         for i, text in enumerate(frame[COL_FINDINGS])
     ]
     ages = frame[COL_AGE].map(parse_age)
-    bad_age = ages.isna() & (frame[COL_AGE].str.strip() != "")
-    if bad_age.any():
-        i = int(np.flatnonzero(bad_age.to_numpy())[0])
-        logger.warning(
-            "%s: %d row(s) have an unparseable or implausible '%s' (e.g. line %d: '%s'); encoded as missing",
-            path, int(bad_age.sum()), COL_AGE, i + 2, frame[COL_AGE].iloc[i],
-        )
+    warn_unusable_fields(path, frame)
     return pd.DataFrame(
         {
             KEY_NAME: names,
@@ -117,6 +116,29 @@ def read_nih_csv(path: str, labels=LABELS) -> pd.DataFrame:
             KEY_LABEL: label_vectors,
         }
     )
+
+
+def warn_unusable_fields(path: str, table: pd.DataFrame) -> None:
+    """Log, per column of ``table`` (an NIH-format CSV read as text), how many rows hold an age, sex or view
+    position that the tabular encoding treats as missing although the cell is not empty, quoting the first one.
+
+    Ages that cannot be parsed or lie outside 0-120 years, sexes other than M/F and views other than PA/AP are
+    encoded as missing rather than refused, so one odd row does not stop a run; the warning keeps them visible.
+    """
+    rules = (
+        (COL_AGE, lambda v: np.isnan(parse_age(v)), "an unparseable or implausible", ""),
+        (COL_SEX, lambda v: parse_sex(v) is None, "an unknown", f"; known: {', '.join(SEX_CATEGORIES)}"),
+        (COL_VIEW, lambda v: parse_view(v) is None, "an unknown", f"; known: {', '.join(VIEW_CATEGORIES)}"),
+    )
+    for column, unusable, kind, known in rules:
+        if column not in table.columns:
+            continue
+        text = table[column].astype(str).str.strip()
+        bad = (text != "") & text.map(unusable)
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            logger.warning("%s: %d row(s) have %s '%s' (e.g. line %d: '%s'%s); encoded as missing",
+                           path, int(bad.sum()), kind, column, i + 2, text.iloc[i], known)
 
 
 def read_split_list(path: str) -> set[str]:
@@ -276,6 +298,7 @@ def _with_tabular(records: list[dict], tabular_csv: str | None) -> list[dict]:
     table = pd.read_csv(tabular_csv, dtype=str, keep_default_na=False)
     if COL_IMAGE not in table.columns:
         raise ValueError(f"{tabular_csv}: missing required column '{COL_IMAGE}'; found {list(table.columns)}")
+    warn_unusable_fields(tabular_csv, table)
     rows = {
         r[COL_IMAGE].strip(): {KEY_AGE: r.get(COL_AGE), KEY_SEX: r.get(COL_SEX), KEY_VIEW: r.get(COL_VIEW),
                                KEY_FOLLOW_UP: r.get(COL_FOLLOW_UP)}

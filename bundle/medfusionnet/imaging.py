@@ -17,10 +17,13 @@ small readers; ``transforms.LoadXrayd`` wraps them as a MONAI transform.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .tabular import parse_age, parse_view
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +141,26 @@ def _read_dicom(path: str) -> XrayImage:
     arr = _minmax(arr)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         arr = 1.0 - arr
-    return XrayImage(arr, parse_dicom_header(ds))
+    header = parse_dicom_header(ds)
+    _warn_unusable_header(path, header)
+    return XrayImage(arr, header)
+
+
+_warned_headers: set[str] = set()  # files already reported by this process: a run reads each file every epoch
+
+
+def _warn_unusable_header(path: str, header: dict) -> None:
+    """Log header fields that the tabular encoding will treat as missing, naming the file (once per process), so
+    that a malformed ``PatientAge`` (``0XXY``, ``412Y``) or a lateral view does not silently lose the patient data."""
+    if path in _warned_headers:
+        return
+    if "age" in header and math.isnan(parse_age(header["age"])):
+        logger.warning("%s: PatientAge '%s' is not a valid age (nnnD/W/M/Y, at most 120 years); encoded as missing",
+                       path, header["age"])
+        _warned_headers.add(path)
+    if "view" in header and parse_view(header["view"]) is None:
+        logger.warning("%s: ViewPosition '%s' is neither PA nor AP; encoded as missing", path, header["view"])
+        _warned_headers.add(path)
 
 
 def _read_nifti(path: str) -> XrayImage:
