@@ -39,10 +39,20 @@ def resized_png(data: bytes | str, size: int) -> Image.Image:
 
 
 def write_atomic(image: Image.Image, path: str) -> None:
-    """Save as PNG through ``<path>.tmp`` and a rename, so an interrupted run never leaves a partial file."""
+    """Save as PNG through ``<path>.tmp`` and a rename, so an interrupted run never leaves a partial file.
+
+    Raises:
+        OSError: naming ``path`` (with the original ``errno``) when the write fails, e.g. on a full disk; the
+            temporary file is removed and an earlier file at ``path`` is left as it was.
+    """
     tmp = f"{path}.tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(err.errno, err.strerror or str(err), path) from err
 
 
 def _convert_file(src: str, dst: str, size: int) -> tuple[str, str | None]:

@@ -224,12 +224,14 @@ def test_bad_input_errors(tmp_path, text, outcomes, match):
         risk.read_risk_csv(path, outcomes)
 
 
-def test_sentinels_become_missing(tmp_path):
+def test_sentinels_become_missing(tmp_path, caplog):
     path = tmp_path / "s.csv"
     path.write_text("a,b,y\n?,1,0\n NA ,nan,1\n,2,0\n3,NaN,1\n")
-    X, Y = risk.read_risk_csv(path, ["y"])
+    with caplog.at_level("INFO", logger="medfusionnet.risk"):
+        X, Y = risk.read_risk_csv(path, ["y"])
     assert X["a"].isna().tolist() == [True, True, True, False] and X["b"].isna().sum() == 2
     assert Y["y"].tolist() == [0, 1, 0, 1]
+    assert f"{path}: 5 missing cell(s) in 4 row(s) and 2 of 2 feature column(s) (most in 'a': 3)" in caplog.text
 
 
 def test_nih_tables():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -61,7 +62,7 @@ def read_risk_csv(path, outcomes: Sequence[str], features: Sequence[str] | None 
     """Read a CSV into a float feature frame ``X`` (NaN = missing) and a 0/1 outcome frame ``Y``.
 
     ``features=None`` takes every column that is not an outcome. Cells equal to a sentinel in `SENTINELS`
-    (case-insensitive, surrounding spaces ignored) are missing.
+    (case-insensitive, surrounding spaces ignored) are missing; an INFO log counts them.
 
     Raises:
         ValueError: for an empty file (naming it); a requested outcome or feature column that is absent (naming
@@ -83,6 +84,12 @@ def read_risk_csv(path, outcomes: Sequence[str], features: Sequence[str] | None 
             raise ValueError(f"{path}: {kind} column(s) {absent} not found; the columns are {list(frame.columns)}")
     numeric = {c: _parse_numeric_column(frame[c], path, c) for c in dict.fromkeys(features + outcomes)}
     X = pd.DataFrame({c: numeric[c] for c in features})
+    gaps = X.isna().sum()
+    if gaps.any():
+        logger.info("%s: %d missing cell(s) in %d row(s) and %d of %d feature column(s) (most in '%s': %d); they "
+                    "are imputed, with missing-value indicators", path, int(gaps.sum()),
+                    int(X.isna().any(axis=1).sum()), int((gaps > 0).sum()), len(features), gaps.idxmax(),
+                    int(gaps.max()))
     Y = pd.DataFrame({c: numeric[c] for c in outcomes})
     for c in outcomes:
         bad = Y[c].isna() | ~Y[c].isin((0.0, 1.0))
@@ -656,13 +663,36 @@ def package_versions() -> dict:
 
 
 def save_models(path, models: dict, with_screening: bool = False, bins: dict | None = None) -> dict:
-    """Write ``{outcome: TwoStageRiskModel}`` as one human-readable JSON file; returns the written document."""
+    """Write ``{outcome: TwoStageRiskModel}`` as one human-readable JSON file; returns the written document.
+
+    The file is replaced atomically (`write_text_atomic`): a failed save keeps the previous model file.
+    """
     document = {"format_version": FORMAT_VERSION, "model": MODEL_NAME, "with_screening": with_screening,
                 "versions": package_versions(), "bins": bins or {},
                 "outcomes": {name: m.to_dict() for name, m in models.items()}}
-    with open(path, "w") as f:
-        f.write(_readable_json(document))
+    write_text_atomic(path, _readable_json(document))
     return document
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``<path>.tmp`` and a rename.
+
+    A failed write (a full disk, say) leaves any earlier file at ``path`` intact and no temporary file behind.
+
+    Raises:
+        OSError: with the original ``errno``, naming ``path``.
+    """
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err  # "[Errno 28] ...: '<path>'"
 
 
 def _readable_json(document) -> str:
