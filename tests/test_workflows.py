@@ -220,3 +220,11 @@ def test_a_checkpoint_of_another_network_is_refused_by_name(tmp_path):
         check_checkpoint(str(tmp_path / "densenet.pt"), net)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         check_checkpoint(str(tmp_path / "missing.pt"), net)
+    # not a state dict: a pickled whole network (refused without running it), text, a list
+    torch.save(net, tmp_path / "whole.pt")
+    (tmp_path / "notes.pt").write_text("epoch 3 looked best")
+    torch.save([net.state_dict()], tmp_path / "list.pt")
+    for name, match in (("whole.pt", "cannot be read as a state dict"), ("notes.pt", "cannot be read as a state dict"),
+                        ("list.pt", "holds a list, not a state dict")):
+        with pytest.raises(ValueError, match=rf"{name}.*{match}"):
+            check_checkpoint(str(tmp_path / name), net)

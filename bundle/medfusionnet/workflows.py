@@ -181,9 +181,14 @@ def check_checkpoint(path: str, network) -> None:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found; train first or pass --ckpt_path")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickled whole model (refused unrun), a text file, a truncated download
+        raise ValueError(f"checkpoint {path} cannot be read as a state dict: {type(e).__name__}: {e}") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     own = network.module.state_dict() if hasattr(network, "module") else network.state_dict()
     shapes = [f"'{k}' is {tuple(v.shape)} in the checkpoint but {tuple(own[k].shape)} here"
               for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
