@@ -222,4 +222,4 @@ class TrainingCheckpoint:
         _set_rng_state(state["rng"])
         engine.state.epoch = state["epoch"]
         engine.state.iteration = state["iteration"]
-        logger.info("resumed from %s after epoch %d of %d", path, state["epoch"], engine.state.max_epochs)
+        logger.info("resumed from %s after epoch %d of %s", path, state["epoch"], engine.state.max_epochs)
