@@ -258,3 +258,19 @@ def test_compare_ranks_models_and_resumes(tmp_path, monkeypatch):
     summary = (out / "summary.md").read_text()
     assert all(m in summary for m in ("medfusionnet", "cnn_only", "no_tabular")) and "Friedman" in summary
     assert (out / "ranks.png").stat().st_size > 0 and (out / "per_class_auc.png").stat().st_size > 0
+
+
+def test_soak_bad_files_are_unreadable_and_cycles_are_checked(tmp_path):
+    from PIL import Image
+
+    from medfusionnet.imaging import UnreadableImageError, read_xray
+
+    soak = _script("soak")
+    Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "good.png")
+    good = (tmp_path / "good.png").read_bytes()
+    for kind in soak.BAD_KINDS_EXTRA:
+        path = soak.write_bad_file(tmp_path / f"{kind}.png", kind, good)
+        with pytest.raises(UnreadableImageError, match=path.name):
+            read_xray(str(path))
+    with pytest.raises(SystemExit):
+        soak.main(["--cycles", "2", "--output_dir", str(tmp_path / "soak")])
