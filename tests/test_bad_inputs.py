@@ -189,6 +189,35 @@ def test_unreadable_files_are_skipped_and_counted_per_epoch(nih_dir, dicom_files
             assert f"skipping unreadable image: cannot read image '{path}'" in caplog.text
 
 
+def test_training_drops_an_unreadable_remainder_and_names_a_full_unreadable_batch(nih_dir, dicom_files, tmp_path,
+                                                                                    encoder, caplog):
+    from ignite.engine import Engine
+
+    from medfusionnet.handlers import UnreadableImageReport
+    from medfusionnet.imaging import UnreadableImageError
+
+    good, *bad = _bad_image_files(nih_dir, dicom_files, tmp_path)
+
+    def run(paths):
+        records = [{"image": p, "name": os.path.basename(p), "label": np.zeros(14, np.float32)} for p in paths]
+        loader = data_loader(XrayDataset(records, xray_transforms(encoder, 64)), batch_size=2, train=True)
+        seen = []
+        engine = Engine(lambda engine, batch: seen.extend(batch["name"]))
+        engine.data_loader = loader
+        UnreadableImageReport().attach(engine)
+        engine.run(loader, max_epochs=1)
+        return seen, engine
+
+    # 5 images in batches of 2: the last, incomplete batch (one unreadable file) is dropped, not fatal
+    with caplog.at_level(logging.WARNING):
+        seen, engine = run([good, bad[0], good, good, bad[1]])
+    assert seen == ["00000075_000.png"] * 3 and engine.state.skipped_images == 1
+    assert "1 of 4 image(s) were unreadable and skipped this epoch" in caplog.text
+    # a full batch of unreadable files stops training with their names
+    with pytest.raises(UnreadableImageError, match=r"zero.png.*text.png.*every image of this batch is unreadable"):
+        run([good, good, bad[0], bad[1]])
+
+
 # ------------------------------------------------------------------------------------------ training settings
 
 DEFAULTS = dict(batch_size=16, val_batch_size=32, max_epochs=5, val_interval=1, num_workers=2, seed=0, image_size=64,

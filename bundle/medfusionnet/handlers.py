@@ -379,6 +379,8 @@ class UnreadableImageReport:
     def _report(self, engine: Engine) -> None:
         loader = engine.data_loader
         expected = len(loader.sampler) if hasattr(loader, "sampler") else len(loader.dataset)
+        if getattr(loader, "drop_last", False):  # the incomplete last batch never reaches the engine
+            expected -= expected % loader.batch_size
         skipped = expected - self.seen
         engine.state.skipped_images = skipped
         if skipped > 0:

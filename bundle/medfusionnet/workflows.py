@@ -38,8 +38,9 @@ def data_loader(
 ) -> DataLoader:
     """A MONAI `DataLoader` that drops unreadable images from batches (`collate_skipping_unreadable`).
 
-    For evaluation, batches left empty are skipped (`SkipEmptyBatches`); for training (``train=True``) they raise an
-    error naming the files, since the trainer needs a fixed number of iterations per epoch. In a distributed run
+    For evaluation, batches left empty are skipped (`SkipEmptyBatches`); for training (``train=True``) the last,
+    incomplete batch of an epoch is dropped, and a full batch of unreadable images raises an error naming the files,
+    since the trainer needs a fixed number of iterations per epoch. In a distributed run
     each rank reads its own shard through a `DistributedSampler` (which also does the shuffling). A given
     ``sampler`` (e.g. `samplers.BalancedMultilabelSampler`, which shards by rank itself) replaces both.
     """
@@ -53,11 +54,15 @@ def data_loader(
         # evaluation shards may be uneven, so no image is counted twice; training needs equal shards for DDP
         sampler = DistributedSampler(dataset, even_divisible=train, shuffle=shuffle, seed=seed)
         shuffle = False
+    # training drops an epoch's last, incomplete batch (when there is a full one): a small remainder made of
+    # unreadable images would otherwise stop the run, and batch norm cannot train on a single image
+    drop_last = train and (len(sampler) if sampler is not None else len(dataset)) >= int(batch_size)
     loader = DataLoader(
         dataset,
         batch_size=int(batch_size),
         shuffle=shuffle,
         sampler=sampler,
+        drop_last=drop_last,
         num_workers=int(num_workers),
         collate_fn=functools.partial(collate_skipping_unreadable, allow_empty=not train),
         pin_memory=torch.cuda.is_available(),
