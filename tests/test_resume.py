@@ -16,7 +16,8 @@ from monai.handlers import CheckpointSaver
 
 import medfusionnet
 from conftest import REPO
-from medfusionnet.resume import CHECKPOINT_FILE, TrainingCheckpoint, epoch_seed, save_atomically
+from medfusionnet.files import save_torch_atomic
+from medfusionnet.resume import CHECKPOINT_FILE, TrainingCheckpoint, epoch_seed
 
 EPOCHS = 3
 
@@ -122,7 +123,7 @@ def test_epoch_seeds_differ_by_epoch_and_seed():
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / CHECKPOINT_FILE
-    save_atomically({"epoch": 1, "w": torch.ones(3)}, str(path))
+    save_torch_atomic({"epoch": 1, "w": torch.ones(3)}, str(path))
 
     def full_disk(obj, f):
         f.write(b"partial bytes")
@@ -130,7 +131,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match=rf"could not save {path} \(disk full\).*previous file is kept"):
-        save_atomically({"epoch": 2, "w": torch.zeros(3)}, str(path))
+        save_torch_atomic({"epoch": 2, "w": torch.zeros(3)}, str(path))
     monkeypatch.undo()
     kept = torch.load(path, weights_only=True)
     assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(3))

@@ -39,6 +39,7 @@ from .constants import (
     SEX_CATEGORIES,
     VIEW_CATEGORIES,
 )
+from .files import write_text_atomic
 from .tabular import TabularEncoder, parse_age, parse_sex, parse_view
 
 logger = logging.getLogger(__name__)
@@ -400,6 +401,6 @@ def prepare_datasets(
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         encoder.save(os.path.join(output_dir, "tabular_encoder.json"))
-        with open(os.path.join(output_dir, "label_counts.json"), "w") as f:
-            json.dump({"num_train": len(lists["train"]), "positives": dict(zip(LABELS, counts))}, f, indent=2)
+        summary = {"num_train": len(lists["train"]), "positives": dict(zip(LABELS, counts))}
+        write_text_atomic(os.path.join(output_dir, "label_counts.json"), json.dumps(summary, indent=2))
     return PreparedData(lists["train"], lists["val"], lists["test"], encoder, counts, synthetic)

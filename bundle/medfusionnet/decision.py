@@ -18,6 +18,7 @@ import torch
 from monai.metrics import calibration_binning
 
 from .constants import LABELS
+from .files import write_text_atomic
 
 TIERS: tuple[str, ...] = ("low", "medium", "high")
 URGENT_FINDINGS: tuple[str, ...] = ("Pneumothorax",)
@@ -93,9 +94,8 @@ class TemperatureScaling:
 
     def save(self, path: str) -> None:
         """Write ``{"temperatures": {finding: T}}`` as JSON."""
-        with open(path, "w") as f:
-            json.dump({"method": "temperature_scaling",
-                       "temperatures": dict(zip(self.labels, self.temperatures_))}, f, indent=2)
+        write_text_atomic(path, json.dumps({"method": "temperature_scaling",
+                                            "temperatures": dict(zip(self.labels, self.temperatures_))}, indent=2))
 
     @classmethod
     def load(cls, path: str, labels: Sequence[str] = LABELS) -> TemperatureScaling:

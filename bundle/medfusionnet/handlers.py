@@ -17,6 +17,7 @@ from monai.handlers import IgniteMetricHandler, from_engine
 
 from .constants import KEY_IMAGE, KEY_LABEL, KEY_NAME, KEY_PRED, LABELS
 from .decision import RiskTierRule, TemperatureScaling, calibration_error, probabilities_to_logits
+from .files import write_text_atomic
 from .metrics import MultiLabelAUC, MultiLabelAUPRC, MultiLabelThresholdMetric, summarize
 from .workflows import is_distributed, is_main_process
 
@@ -146,13 +147,6 @@ def write_predictions_csv(path: str, rows: list, labels: Sequence[str]) -> None:
             writer.writerow([name, *(f"{p:.6f}" for p in prob)])
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 class MetricsReport(_OutputCollector):
     """Writes the full metric report of an evaluator's epoch (`metrics.summarize`) under ``output_dir``.
 
@@ -216,16 +210,16 @@ class MetricsReport(_OutputCollector):
                 "per_class": {label: {"ece": float(b), "ece_calibrated": float(a), "temperature": t}
                               for label, b, a, t in zip(self.labels, before, after, scaler.temperatures_)},
             }
-        _atomic_write_text(os.path.join(self.output_dir, "metrics.json"), json.dumps(report, indent=2))
+        write_text_atomic(os.path.join(self.output_dir, "metrics.json"), json.dumps(report, indent=2))
         columns = list(next(iter(report["per_class"].values())).keys())
         lines = [",".join(["finding", *columns])]
         for label, values in report["per_class"].items():
             lines.append(",".join([label, *("" if values[c] is None else f"{values[c]:.6f}" for c in columns)]))
         lines.append(",".join(["mean", *(f"{report['mean'].get(c, float('nan')):.6f}" for c in columns)]))
-        _atomic_write_text(os.path.join(self.output_dir, "metrics.csv"), "\n".join(lines) + "\n")
+        write_text_atomic(os.path.join(self.output_dir, "metrics.csv"), "\n".join(lines) + "\n")
         if self.thresholds is None:
             chosen = {label: values["threshold"] for label, values in report["per_class"].items()}
-            _atomic_write_text(os.path.join(self.output_dir, "thresholds.json"), json.dumps(chosen, indent=2))
+            write_text_atomic(os.path.join(self.output_dir, "thresholds.json"), json.dumps(chosen, indent=2))
         if self.save_predictions:
             write_predictions_csv(os.path.join(self.output_dir, "predictions.csv"), rows, self.labels)
         if self.plot_roc:
@@ -339,7 +333,7 @@ class DecisionWriter(_OutputCollector):
         document = {"rule": self.rule.describe(), "calibrated": self.calibration is not None,
                     "thresholds": {label: round(float(t), 6) for label, t in zip(self.labels, shown_thresholds)},
                     "images": items}
-        _atomic_write_text(os.path.join(self.output_dir, "decisions.json"), json.dumps(document, indent=2))
+        write_text_atomic(os.path.join(self.output_dir, "decisions.json"), json.dumps(document, indent=2))
         path = os.path.join(self.output_dir, "decisions.csv")
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)

@@ -12,6 +12,8 @@ from monai.losses import FocalLoss
 from torch import nn
 from torch.nn import functional as F
 
+from .files import write_text_atomic
+
 LOSSES = ("bce", "focal", "asl", "focal_asl", "bce_focal")
 
 
@@ -121,8 +123,8 @@ def create_loss(
         weight = class_weights(label_counts, int(num_samples or 0), class_weight_power)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "class_weights.json"), "w") as f:
-            json.dump({"power": class_weight_power, "weights": None if weight is None else weight.tolist()}, f)
+        saved = {"power": class_weight_power, "weights": None if weight is None else weight.tolist()}
+        write_text_atomic(os.path.join(output_dir, "class_weights.json"), json.dumps(saved))
     bce = nn.BCEWithLogitsLoss(pos_weight=None, weight=weight)
     if name == "bce":
         return bce

@@ -4,16 +4,17 @@ to continue (`TrainingCheckpoint`) and per-epoch reseeding that makes each epoch
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data.utils import set_rnd
+
+from .files import save_torch_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -75,27 +76,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomically(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over ``path``: a crash or a
-    full disk at any moment leaves the previous file whole.
-
-    Raises:
-        OSError: naming ``path`` (the temporary file removed, the previous file kept).
-    """
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        hint = " (disk full)" if e.errno == errno.ENOSPC else ""
-        raise OSError(e.errno, f"could not save {path}{hint}: {e.strerror or e}; the previous file is kept") from e
-
-
 def parse_resume(value: bool | str | None) -> bool | str:
     """``resume`` as given in a config or on the command line: True, False, or a checkpoint path (the strings
     ``true``/``false``, ``yes``/``no``, ``1``/``0`` and ``none`` mean what they say)."""
@@ -111,7 +91,7 @@ def parse_resume(value: bool | str | None) -> bool | str:
 
 class TrainingCheckpoint:
     """After every training epoch (and its validation) writes ``<output_dir>/checkpoint_last.pt`` atomically (see
-    `save_atomically`): network, optimiser, learning-rate schedule, AMP scaler, epoch and iteration, the
+    `files.save_torch_atomic`): network, optimiser, learning-rate schedule, AMP scaler, epoch and iteration, the
     evaluator's best metric and epoch, the best-model saver's record (so a resumed run replaces ``model.pt`` only
     with a better epoch), the sampler's epoch and exponent, and the random generator states.
 
@@ -180,7 +160,7 @@ class TrainingCheckpoint:
 
         if not is_main_process():
             return
-        save_atomically(self.state_dict(engine), self.path)
+        save_torch_atomic(self.state_dict(engine), self.path)
         logger.info("epoch %d: training state saved to %s", engine.state.epoch, self.path)
 
     def load(self, engine: Engine) -> None:

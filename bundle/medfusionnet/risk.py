@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -40,6 +39,7 @@ from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils.validation import check_is_fitted
 
 from .constants import LABELS
+from .files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -672,27 +672,6 @@ def save_models(path, models: dict, with_screening: bool = False, bins: dict | N
                 "outcomes": {name: m.to_dict() for name, m in models.items()}}
     write_text_atomic(path, _readable_json(document))
     return document
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through ``<path>.tmp`` and a rename.
-
-    A failed write (a full disk, say) leaves any earlier file at ``path`` intact and no temporary file behind.
-
-    Raises:
-        OSError: with the original ``errno``, naming ``path``.
-    """
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from err  # "[Errno 28] ...: '<path>'"
 
 
 def _readable_json(document) -> str:

@@ -160,8 +160,9 @@ class TabularEncoder:
 
     def save(self, path: str) -> TabularEncoder:
         """Write the encoder as JSON; returns ``self``."""
-        with open(path, "w") as f:
-            json.dump(self.state_dict(), f, indent=2)
+        from .files import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.state_dict(), indent=2))
         return self
 
     @classmethod

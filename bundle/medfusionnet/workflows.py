@@ -8,6 +8,7 @@ import torch
 from monai.data import DataLoader, DistributedSampler
 
 from .constants import KEY_IMAGE
+from .files import write_text_atomic
 from .transforms import collate_skipping_unreadable
 
 
@@ -102,8 +103,7 @@ def save_run_settings(output_dir: str, **settings) -> None:
     if not is_main_process():
         return
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, RUN_SETTINGS_FILE), "w") as f:
-        json.dump(settings, f, indent=2)
+    write_text_atomic(os.path.join(output_dir, RUN_SETTINGS_FILE), json.dumps(settings, indent=2))
 
 
 def saved_setting(output_dir: str, key: str, default=None):

@@ -1,0 +1,45 @@
+"""Atomic file writes: a temporary file beside the target, flushed to disk, then renamed over it, so a crash or a
+full disk at any moment leaves the previous file whole and no partial file behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import IO, Callable
+
+
+def _write_atomic(path, mode: str, write: Callable[[IO], None]) -> None:
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        hint = " (disk full)" if e.errno == errno.ENOSPC else ""
+        raise OSError(e.errno, f"could not save {path}{hint}: {e.strerror or e}; the previous file is kept",
+                      path) from e
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically.
+
+    Raises:
+        OSError: with the original ``errno``, naming ``path`` (the previous file kept, no temporary file left).
+    """
+    _write_atomic(path, "w", lambda f: f.write(text))
+
+
+def save_torch_atomic(obj, path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically.
+
+    Raises:
+        OSError: with the original ``errno``, naming ``path`` (the previous file kept, no temporary file left).
+    """
+    import torch
+
+    _write_atomic(path, "wb", lambda f: torch.save(obj, f))
