@@ -7,7 +7,7 @@ Layout of ``<output_dir>/<name>`` (zipped to ``<output_dir>/<name>.zip``)::
     configs/   metadata.json (a real file), inference.yaml, common.yaml, train.yaml, evaluate.yaml, explain.yaml,
                multi_gpu_train.yaml, logging.conf
     models/    model.pt and the run files inference reads (run_settings, tabular_encoder, thresholds, calibration)
-    docs/      README.md (the bundle card), data_license.txt, images/
+    docs/      README.md (the bundle card), architecture.md, reliability.md, data_license.txt, images/
     medfusionnet/  the bundle's code, importable because MONAI's commands run from the bundle root
     LICENSE, large_files.yml (model.pt with its SHA-256, and its download URL when given)
 
