@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
@@ -31,7 +32,7 @@ class TabularMLP(nn.Module):
         return self.mlp(tabular)
 
 
-class LateFusionClassifier(nn.Module):
+class LateFusionClassifier(nn.Module, ABC):
     """Base of the baselines: pooled image features from the subclass's ``image_features``, the tabular embedding
     appended when ``use_tabular``, dropout and one linear classifier."""
 
@@ -42,9 +43,9 @@ class LateFusionClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout_rate)
         self.head = nn.Linear(num_image_features + (tabular_embed_dim if use_tabular else 0), num_classes)
 
+    @abstractmethod
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
         """Pooled image features ``(B, D)``; defined by each baseline."""
-        raise NotImplementedError
 
     def forward_features(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pooled image features, with the tabular embedding appended when ``use_tabular``: ``(B, D)``."""
