@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .baselines import TabularMLP
+from .baselines import TabularMLP, load_timm_backbone_weights
 from .blocks import (
     ConvToTokens,
     Mlp,
@@ -127,8 +127,6 @@ class ConvFCMAE(nn.Module):
         # the feature map before timm's head (pooling, norm, classifier) feeds the three-stage head that replaces it
         self.backbone.head = nn.Identity()
         if pretrained_path:
-            from .baselines import load_timm_backbone_weights
-
             load_timm_backbone_weights(self.backbone, pretrained_path)
         if frozen_fraction is None:
             frozen_fraction = CONVFCMAE_FROZEN_FRACTION if pretrained_path else 0.0
