@@ -55,6 +55,7 @@ MODELS: dict[str, list[str]] = {
     "cnn_transformer": ["--branches", "['cnn','transformer']"],
     "no_interaction": ["--interaction", "False"],
     "no_fpn": ["--fpn", "False"],
+    "wide_fpn": ["--fpn_channels", "256"],  # the pyramid 4x as wide as base's 64 channels
     "no_tabular": ["--use_tabular", "False"],
     "concat_fusion": ["--fusion", "concat"],
 }

@@ -162,3 +162,11 @@ def test_tiny_model_overfits_real_images(nih_dir):
         losses.append(loss.item())
     assert losses[-1] < 0.35 * losses[0], (losses[0], losses[-1])
     assert NUM_TABULAR_FEATURES == tab.shape[1]
+
+
+def test_fpn_channels_override_widens_the_pyramid_only():
+    narrow = MedFusionNet(size="tiny", image_size=64)
+    wide = MedFusionNet(size="tiny", image_size=64, fpn_channels=48)
+    assert narrow.fpn.layer_blocks[0].out_channels == 32 and wide.fpn.layer_blocks[0].out_channels == 48
+    assert [p.in_features for p in wide.cnn_token_proj] == [48, 48, 48]
+    assert wide(torch.rand(2, 1, 64, 64)).shape == (2, 14)

@@ -134,6 +134,8 @@ class MedFusionNet(nn.Module):
         image_size: input size the position embeddings are learned for (others are interpolated).
         patch_size: patch size on the stem's stride-4 map: 8 gives stride-32 tokens (7 x 7 at 224 px, the grid of
             the last CNN stage); 4 gives stride-16 tokens at about 1.4 times the cost.
+        embed_dim, depth, num_heads, fpn_channels: override the size's token width, transformer blocks per stage,
+            attention heads and feature-pyramid width.
         mlp_ratio, dropout_rate, drop_path_rate: transformer regularisation.
     """
 
@@ -155,6 +157,7 @@ class MedFusionNet(nn.Module):
         embed_dim: Optional[int] = None,
         depth: Optional[Sequence[int]] = None,
         num_heads: Optional[int] = None,
+        fpn_channels: Optional[int] = None,
         mlp_ratio: float = 4.0,
         dropout_rate: float = 0.0,
         drop_path_rate: float = 0.1,
@@ -169,7 +172,8 @@ class MedFusionNet(nn.Module):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion='{fusion}' is not supported; use one of {FUSIONS}")
         cfg = dict(SIZES[size])
-        cfg.update({k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)) if v})
+        cfg.update({k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads),
+                                      ("fpn_channels", fpn_channels)) if v})
         dim, heads, pool = cfg["embed_dim"], cfg["num_heads"], cfg["pool_size"]
         self.num_classes = num_classes
         self.num_tabular_features = num_tabular_features
