@@ -90,6 +90,19 @@ class DenseNet121Tabular(LateFusionClassifier):
         return torch.flatten(self.pool(torch.relu(self.features(image))), 1)
 
 
+def import_timm(network: str):
+    """The ``timm`` module, for the network named ``network``.
+
+    Raises:
+        ImportError: naming the network and the extra to install when timm (or a matching torchvision) is missing.
+    """
+    try:
+        import timm
+    except ImportError as e:  # torchvision, which timm needs, must match the installed torch
+        raise ImportError(f"network '{network}' needs timm: pip install \"medfusionnet[baselines]\"") from e
+    return timm
+
+
 def load_timm_backbone_weights(backbone: nn.Module, path: str) -> None:
     """Load a local timm state dict file into a timm ``backbone``: an RGB first convolution is summed to the
     backbone's input channels with timm's ``adapt_input_conv``, and the original classifier is dropped.
@@ -143,11 +156,7 @@ class TimmTabular(LateFusionClassifier):
         pretrained_path: Optional[str] = None,
     ):
         super().__init__()
-        try:
-            import timm
-        except ImportError as e:  # torchvision, which timm needs, must match the installed torch
-            raise ImportError(f"network '{model_name or self.timm_name}' needs timm: pip install "
-                              "\"medfusionnet[baselines]\"") from e
+        timm = import_timm(model_name or self.timm_name)
         name = model_name or self.timm_name
         extra = {"img_size": int(image_size)} if name.startswith(("deit", "vit")) else {}
         self.backbone = timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0, **extra)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .baselines import TabularMLP, load_timm_backbone_weights
+from .baselines import TabularMLP, import_timm, load_timm_backbone_weights
 from .blocks import (
     ConvToTokens,
     Mlp,
@@ -35,14 +35,6 @@ from .network import HybridStage, nih_tabular_fields
 from .tabular import NUM_TABULAR_FEATURES, missing_tabular_vector
 
 CONVFCMAE_FROZEN_FRACTION = 0.7708  # share of the backbone's layers the paper keeps fixed
-
-
-def _timm():
-    try:
-        import timm
-    except ImportError as e:  # torchvision, which timm needs, must match the installed torch
-        raise ImportError("this network needs timm: pip install \"medfusionnet[baselines]\"") from e
-    return timm
 
 
 # ---- CONVFCMAE ------------------------------------------------------------------------------------------------
@@ -121,7 +113,7 @@ class ConvFCMAE(nn.Module):
         dropout_rate: float = 0.25,
     ):
         super().__init__()
-        timm = _timm()
+        timm = import_timm(model_name)
         self.backbone = timm.create_model(model_name, pretrained=False, in_chans=in_channels, num_classes=0,
                                           global_pool="")
         # the feature map before timm's head (pooling, norm, classifier) feeds the three-stage head that replaces it
