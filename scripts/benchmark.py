@@ -176,6 +176,11 @@ def print_report(report: dict) -> None:
               f"{mem if mem is not None else float('nan'):>10.0f}"
               f"{res.get('memory_ratio_to_first_variant', float('nan')):>7.2f}"
               f"{res['train_tflop_s']:>9.4f}{res['matmul_fraction']:>8.1%}")
+    for res in report["results"]:
+        if "train_ratio_to_reference" in res and res["network"] != report["reference"]:
+            print(f"{res['network']} ({res['variant']}) against {report['reference']}: training "
+                  f"{res['train_ratio_to_reference']:.2f}x its images/s, inference latency "
+                  f"{1 / res['infer_ratio_to_reference']:.2f}x, GMACs {res['gmacs_ratio_to_reference']:.2f}x")
     data = report.get("data_pipeline")
     if data:
         print(f"data pipeline, {data['images']} images, {data['workers']} workers: decoding "

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -54,10 +55,19 @@ MODELS: dict[str, list[str]] = {
     "transformer_only": ["--branches", "['transformer']"],
     "cnn_transformer": ["--branches", "['cnn','transformer']"],
     "no_interaction": ["--interaction", "False"],
-    "no_fpn": ["--fpn", "False"],
-    "wide_fpn": ["--fpn_channels", "256"],  # the pyramid 4x as wide as base's 64 channels
+    "with_fpn": ["--fpn", "True"],  # the feature pyramids of both branches feed the label queries
     "no_tabular": ["--use_tabular", "False"],
     "concat_fusion": ["--fusion", "concat"],
+    "no_baseline_path": ["--baseline_path", "False"],  # the fusion's logits alone (the 0.3.0 design)
+    # recipe variants (the same network, another training recipe)
+    "aux_loss": ["--aux_loss_weight", "0.3"],  # deep supervision of the baseline path and the fusion
+    "fast_gate": ["--gate_lr_scale", "30"],  # the zero-initialised gates at 30x the learning rate
+    "aux_fast_gate": ["--aux_loss_weight", "0.3", "--gate_lr_scale", "30"],
+    "warmup": ["--warmup_epochs", "2"],
+    "fusion_lr_x3": ["--fusion_lr_scale", "3.0"],
+    "medfusionnet_plain": ["--loss_name", "bce", "--sampling", "natural", "--curriculum_epochs", "0"],
+    "densenet121_plain": ["--network_name", "densenet121", "--loss_name", "bce", "--sampling", "natural",
+                          "--curriculum_epochs", "0"],
 }
 # ensembles: their members' runs (same seed) are trained first, then combined and evaluated
 ENSEMBLES: dict[str, tuple[str, ...]] = {"ensemble": ("densenet121", "efficientnet_b0", "inception_v3")}
@@ -78,12 +88,18 @@ def _bundle(args: list[str], log_path: Path) -> None:
 def run_one(model: str, seed: int, run_dir: Path, shared: list[str]) -> dict:
     """Train and evaluate one model with one seed (or read the finished run); returns its ``run_info``."""
     info_path = run_dir / "run_info.json"
+    overrides = [*shared, *MODELS[model], "--seed", str(seed)]
+    evaluate = ["run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *overrides]
     if info_path.is_file():
         logger.info("%s seed %d: finished earlier, reusing %s", model, seed, info_path)
-        return json.loads(info_path.read_text())
+        info = json.loads(info_path.read_text())
+        if "auc_last" not in info and model not in ENSEMBLES:
+            info["auc_last"] = evaluate_last_epoch(run_dir, evaluate)
+            _write_info(info_path, info)
+        return info
     run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = [*shared, *MODELS[model], "--seed", str(seed), "--output_dir", str(run_dir)]
-    evaluate = ["run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *overrides]
+    overrides += ["--output_dir", str(run_dir)]
+    evaluate += ["--output_dir", str(run_dir)]
     if model in ENSEMBLES:
         members = [run_one(m, seed, run_dir.parents[1] / m / f"seed{seed}", shared) for m in ENSEMBLES[model]]
         logger.info("%s seed %d: combining %s", model, seed, ", ".join(ENSEMBLES[model]))
@@ -109,10 +125,33 @@ def run_one(model: str, seed: int, run_dir: Path, shared: list[str]) -> dict:
         **{m: report["mean"][m] for m in METRICS},
         "per_class_auc": {k: v["auc"] for k, v in report["per_class"].items()},
     }
-    tmp = info_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, info_path)  # written last and atomically: its presence means the run is complete
+    if model not in ENSEMBLES:
+        info["auc_last"] = evaluate_last_epoch(run_dir, evaluate[:-2])
+    _write_info(info_path, info)  # written last: its presence means the run is complete
     return info
+
+
+def _write_info(path: Path, info: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, path)
+
+
+def evaluate_last_epoch(run_dir: Path, evaluate: list[str]) -> float:
+    """Test mean AUC of the last epoch's weights (``checkpoint_last.pt``), to set beside the best-validation
+    epoch's ``model.pt``: the run's settings, encoder, thresholds and calibration are copied into
+    ``<run_dir>/last`` with those weights as its ``model.pt``, and the evaluate workflow runs there."""
+    last = run_dir / "last"
+    metrics = last / "eval" / "metrics.json"
+    if not metrics.is_file():
+        last.mkdir(exist_ok=True)
+        for name in ("run_settings.json", "tabular_encoder.json", "thresholds.json", "calibration.json"):
+            if (run_dir / name).is_file():
+                shutil.copy(run_dir / name, last / name)
+        state = torch.load(run_dir / "checkpoint_last.pt", map_location="cpu", weights_only=True)["network"]
+        torch.save(state, last / "model.pt")
+        _bundle([*evaluate, "--output_dir", str(last)], last / "evaluate.log")
+    return json.loads(metrics.read_text())["mean"]["auc"]
 
 
 def build_ensemble(run_dir: Path, member_dirs: list[Path]) -> None:
@@ -155,7 +194,39 @@ def summarize(infos: list[dict], models: list[str], alpha: float = 0.05) -> tupl
         logger.warning("the Friedman test needs 3 or more models; ranks only")
     if len(models) >= 2:
         stats["wilcoxon_holm"] = wilcoxon_holm(table.to_numpy(dtype=float), models, alpha)
+        stats["paired_mean_auc"] = paired_by_seed(results, models)
+    if "auc_last" in results:
+        stats["best_vs_last"] = best_against_last(results)
     return results, per_class, stats
+
+
+def _signed_rank_p(diff: np.ndarray) -> float:
+    from scipy.stats import wilcoxon
+
+    return float(wilcoxon(diff).pvalue) if len(diff) and np.any(diff != 0) else 1.0
+
+
+def paired_by_seed(results: pd.DataFrame, models: list[str]) -> list[dict]:
+    """Each model's test mean AUC minus the first model's, paired by seed: mean, sd, seeds ahead, Wilcoxon p."""
+    wide = results.pivot_table(index="seed", columns="model", values="auc")
+    out = []
+    for m in models[1:]:
+        diff = (wide[m] - wide[models[0]]).dropna().to_numpy()
+        out.append({"model": m, "seeds": len(diff), "mean": float(diff.mean()) if len(diff) else float("nan"),
+                    "sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0, "ahead": int((diff > 0).sum()),
+                    "p": _signed_rank_p(diff)})
+    return out
+
+
+def best_against_last(results: pd.DataFrame) -> dict:
+    """Test mean AUC of the best-validation epoch against the last epoch, paired by run (model and seed)."""
+    runs = results.dropna(subset=["auc_last"])
+    diff = (runs["auc_last"] - runs["auc"]).to_numpy()
+    per_model = runs.groupby("model")[["auc", "auc_last"]].mean()
+    return {"runs": len(runs), "best": float(runs["auc"].mean()), "last": float(runs["auc_last"].mean()),
+            "mean": float(diff.mean()), "sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
+            "p": _signed_rank_p(diff),
+            "per_model": {m: [float(r["auc"]), float(r["auc_last"])] for m, r in per_model.iterrows()}}
 
 
 def write_report(output_dir: Path, results: pd.DataFrame, per_class: pd.DataFrame, stats: dict,
@@ -193,6 +264,26 @@ def write_report(output_dir: Path, results: pd.DataFrame, per_class: pd.DataFram
             lines.append(f"| {p['a']} vs {p['b']} | {p['rank_difference']:.3f} | "
                          f"{'differ' if p['significant'] else 'n.s.'} | {w['p_holm']:.3g}"
                          f"{' *' if w['significant'] else ''} |")
+    elif "wilcoxon_holm" in stats:
+        lines += ["", f"Wilcoxon signed-rank test over {stats['blocks']}:", "",
+                  "| pair | Wilcoxon p (Holm) |", "|---|---|"]
+        lines += [f"| {w['a']} vs {w['b']} | {w['p_holm']:.3g}{' *' if w['significant'] else ''} |"
+                  for w in stats["wilcoxon_holm"]]
+    if stats.get("paired_mean_auc"):
+        lines += ["", f"Mean test AUC against {models[0]}, paired by seed:", "",
+                  "| model | seeds | difference (mean ± sd) | seeds ahead | Wilcoxon p (seeds) |",
+                  "|---|---|---|---|---|"]
+        for d in stats["paired_mean_auc"]:
+            lines.append(f"| {d['model']} | {d['seeds']} | {d['mean']:+.4f} ± {d['sd']:.4f} | {d['ahead']} | "
+                         f"{d['p']:.3g} |")
+    if stats.get("best_vs_last"):
+        b = stats["best_vs_last"]
+        lines += ["", f"Model selection: the best-validation epoch against the last epoch, test mean AUC over "
+                      f"{b['runs']} runs: best {b['best']:.4f}, last {b['last']:.4f}, last - best {b['mean']:+.4f} "
+                      f"± {b['sd']:.4f} (Wilcoxon p = {b['p']:.3g}).", "",
+                  "| model | best epoch | last epoch |", "|---|---|---|"]
+        for m, (best, last) in b["per_model"].items():
+            lines.append(f"| {m} | {best:.4f} | {last:.4f} |")
     (output_dir / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -225,7 +225,7 @@ DEFAULTS = dict(batch_size=16, val_batch_size=32, max_epochs=5, val_interval=1, 
                 test_fraction=0.2, cache=None, learning_rate=3e-4, weight_decay=1e-4, loss_name="focal",
                 focal_gamma=2.0, class_weight_power=0.5, asl_gamma_neg=4.0, asl_clip=0.05, sampling="balanced",
                 sampler_max_repeats=3, no_finding_factor=0.5, curriculum_epochs=2, log_interval=20,
-                amp_dtype="float16")
+                amp_dtype="float16", warmup_epochs=1, fusion_lr_scale=1.0, gate_lr_scale=30.0, aux_loss_weight=0.3)
 
 
 def test_default_training_settings_pass():
@@ -256,6 +256,10 @@ def test_default_training_settings_pass():
         ("split", "official_v2", "split='official_v2' (str) is not valid: use one of ['official', 'random']"),
         ("cache", "ram", "cache='ram' (str) is not valid: use one of [None, 'none', 'memory', 'disk']"),
         ("network_name", "resnet", "network_name='resnet' (str) is not valid: use one of ["),
+        ("warmup_epochs", 5, "warmup_epochs=5 is not valid: use fewer than max_epochs=5"),
+        ("warmup_epochs", 0.5, "warmup_epochs=0.5 (float) is not valid: use an integer >= 0"),
+        ("gate_lr_scale", 0, "gate_lr_scale=0 (int) is not valid: use a number > 0"),
+        ("aux_loss_weight", -0.1, "aux_loss_weight=-0.1 (float) is not valid: use a number >= 0"),
     ],
 )
 def test_bad_training_setting_is_named(key, value, message):

@@ -6,7 +6,9 @@ import torch
 from monai.networks.nets import DenseNet121
 
 import medfusionnet
+from medfusionnet.baselines import DenseNet121Tabular
 from medfusionnet.blocks import class_prior
+from medfusionnet.losses import create_loss
 from medfusionnet.network import BRANCHES, MedFusionNet
 from medfusionnet.tabular import NUM_TABULAR_FEATURES, TabularEncoder, missing_tabular_vector
 
@@ -19,6 +21,15 @@ def _tabular(batch: int) -> torch.Tensor:
     return torch.from_numpy(enc.transform(rows))
 
 
+def _open_gates(net: MedFusionNet, value: float = 1.0) -> MedFusionNet:
+    """Set the zero-initialised gates (fusion gate, T2C layer scales) to ``value``, as training moves them."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name == "gate" or name.endswith("t2c.scale"):
+                p.fill_(value)
+    return net
+
+
 @pytest.mark.parametrize("batch, size, classes", [(1, 64, 7), (3, 96, 14), (2, 128, 5), (2, 224, 7), (1, 512, 3)])
 def test_output_shape(batch, size, classes):
     net = MedFusionNet(num_classes=classes, size="tiny").eval()
@@ -29,17 +40,18 @@ def test_output_shape(batch, size, classes):
 
 ABLATIONS = [
     dict(branches=branches, interaction=interaction, fpn=fpn, fusion=fusion, use_tabular=use_tabular,
-         class_reweighting=reweighting)
+         class_reweighting=reweighting, baseline_path=baseline_path)
     for r in range(1, 4) for branches in itertools.combinations(BRANCHES, r)
-    for interaction, fpn, fusion, use_tabular, reweighting in itertools.product(
-        (True, False), (True, False), ("attention", "concat"), (True, False), (True, False))
+    for interaction, fpn, fusion, use_tabular, reweighting, baseline_path in itertools.product(
+        (True, False), (True, False), ("attention", "concat"), (True, False), (True, False), (True, False))
+    if baseline_path or "cnn" in branches  # without the CNN branch there is no baseline path to switch off
 ]
 
 
 @pytest.mark.parametrize("options", ABLATIONS, ids=lambda o: "-".join(f"{v}" for v in o.values()))
 def test_every_parameter_gets_a_gradient(options):
     torch.manual_seed(0)
-    net = MedFusionNet(num_classes=7, size="tiny", **options)
+    net = _open_gates(MedFusionNet(num_classes=7, size="tiny", **options))
     net(torch.rand(4, 1, 64, 64), _tabular(4)).sum().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -47,7 +59,10 @@ def test_every_parameter_gets_a_gradient(options):
 
 def test_ablation_switches_change_the_network():
     full = MedFusionNet(size="tiny")
-    assert full.interaction and full.fpn is not None and full.tabular_tokens is not None
+    assert full.interaction and full.fpn is None and full.tabular_tokens is not None and full.baseline is not None
+    assert MedFusionNet(size="tiny", fpn=True).fpn is not None
+    assert MedFusionNet(size="tiny", baseline_path=False).gate is None
+    assert MedFusionNet(size="tiny", branches=("transformer", "relational")).baseline is None
     assert not MedFusionNet(size="tiny", branches=("cnn", "relational")).interaction
     no_rel = MedFusionNet(size="tiny", branches=("cnn", "transformer"))
     assert all(layer.self_attn is None for layer in no_rel.decoder)
@@ -80,7 +95,8 @@ def test_no_tabular_equals_all_missing_tabular():
 @pytest.mark.parametrize("options", [{}, dict(fusion="concat"), dict(branches=("cnn",), fpn=False),
                                      dict(branches=("transformer", "relational"), use_tabular=False)])
 def test_torchscript_parity(options):
-    net = MedFusionNet(size="tiny", **options).eval()
+    torch.manual_seed(0)
+    net = _open_gates(MedFusionNet(size="tiny", **options), 0.5).eval()
     scripted = torch.jit.script(net)
     image, tab = torch.rand(2, 1, 96, 96), _tabular(2)
     with torch.no_grad():
@@ -165,8 +181,64 @@ def test_tiny_model_overfits_real_images(nih_dir):
 
 
 def test_fpn_channels_override_widens_the_pyramid_only():
-    narrow = MedFusionNet(size="tiny", image_size=64)
-    wide = MedFusionNet(size="tiny", image_size=64, fpn_channels=48)
+    narrow = MedFusionNet(size="tiny", image_size=64, fpn=True)
+    wide = MedFusionNet(size="tiny", image_size=64, fpn=True, fpn_channels=48)
     assert narrow.fpn.layer_blocks[0].out_channels == 32 and wide.fpn.layer_blocks[0].out_channels == 48
     assert [p.in_features for p in wide.cnn_token_proj] == [48, 48, 48]
     assert wide(torch.rand(2, 1, 64, 64)).shape == (2, 14)
+
+
+def test_untrained_network_computes_the_densenet121_baseline(tmp_path):
+    """With the baseline's weights copied in, the untrained MedFusionNet's logits are DenseNet121Tabular's: the gate
+    and the T2C layer scales start at 0, so the fusion adds nothing until training opens them."""
+    torch.manual_seed(0)
+    baseline = DenseNet121Tabular().eval()
+    torch.save(baseline.features.state_dict(), tmp_path / "features.pt")
+    net = MedFusionNet(image_size=64)
+    net.load_cnn_weights(str(tmp_path / "features.pt"))
+    net.baseline.load_state_dict(baseline.late_fusion.state_dict())
+    net.eval()
+    image, tab = torch.rand(3, 1, 64, 64), _tabular(3)
+    with torch.no_grad():
+        torch.testing.assert_close(net(image, tab), baseline(image, tab), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(net(image), baseline(image), atol=1e-6, rtol=1e-6)
+        base, fused = net.branch_logits(image, tab)
+        assert fused.abs().sum() > 0  # the fusion computes; the zero gate keeps it out of the logits
+        net.gate.fill_(0.5)  # the T2C scales stay 0, so the baseline path's logits are unchanged
+        torch.testing.assert_close(net(image, tab), base + 0.5 * fused)
+
+
+def test_only_the_gates_learn_in_the_first_step_then_everything():
+    torch.manual_seed(0)
+    net = MedFusionNet(num_classes=5, size="tiny")
+    image, tab, target = torch.rand(4, 1, 64, 64), _tabular(4), (torch.rand(4, 5) > 0.5).float()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(net(image, tab), target)
+    loss.backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    assert grads["gate"].abs().min() > 0 and all(grads[n].abs().sum() > 0 for n in grads if n.endswith("t2c.scale"))
+    assert grads["label_queries"].abs().sum() == 0 and grads["head.weight"].abs().sum() == 0
+    assert grads["baseline.head.weight"].abs().sum() > 0 and grads["stem.0.weight"].abs().sum() > 0
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt.step()
+    opt.zero_grad()
+    torch.nn.functional.binary_cross_entropy_with_logits(net(image, tab), target).backward()
+    assert net.label_queries.grad.abs().sum() > 0 and net.head.weight.grad.abs().sum() > 0
+
+
+def test_deep_supervision_returns_the_branch_logits_in_training_only():
+    torch.manual_seed(0)
+    net = _open_gates(MedFusionNet(num_classes=5, size="tiny", deep_supervision=True, drop_path_rate=0.0), 0.3)
+    net.baseline.dropout.p = 0.0  # training mode: no random masks, so two passes agree
+    image, tab, target = torch.rand(2, 1, 64, 64), _tabular(2), (torch.rand(2, 5) > 0.5).float()
+    out = net(image, tab)
+    assert out.shape == (2, 3, 5)
+    base, fused = net.branch_logits(image, tab)
+    torch.testing.assert_close(out[:, 1], base)
+    torch.testing.assert_close(out[:, 2], fused)
+    torch.testing.assert_close(out[:, 0], base + 0.3 * fused)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    loss = create_loss("bce", aux_loss_weight=0.25)
+    expected = bce(out[:, 0], target) + 0.25 * (bce(out[:, 1], target) + bce(out[:, 2], target))
+    torch.testing.assert_close(loss(out, target), expected)
+    torch.testing.assert_close(loss(out[:, 0], target), bce(out[:, 0], target))
+    assert net.eval()(image, tab).shape == (2, 5)

@@ -55,7 +55,11 @@ def test_benchmark_reports_ratios_memory_and_data_pipeline(tmp_path, capsys):
     assert report["matmul_peak_tflop_s"]["float32"] > 0
     data = report["data_pipeline"]
     assert data["images"] == 4 and min(data["decode_img_s"], data["cache_read_img_s"]) > 0
-    assert "checkpoint" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "checkpoint" in printed
+    latency = ref["infer_img_s"] / tiny["infer_img_s"]
+    assert (f"medfusionnet:tiny (fp32) against densenet121: training {tiny['train_ratio_to_reference']:.2f}x its "
+            f"images/s, inference latency {latency:.2f}x, GMACs {tiny['gmacs_ratio_to_reference']:.2f}x") in printed
 
 
 def test_benchmark_refuses_an_unknown_variant():
@@ -232,6 +236,10 @@ def test_compare_ranks_models_and_resumes(tmp_path, monkeypatch):
                          *shared]) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert "friedman" not in stats and len(stats["wilcoxon_holm"]) == 1  # two models: pairwise test only
+    assert [d["model"] for d in stats["paired_mean_auc"]] == ["cnn_only"] and stats["best_vs_last"]["runs"] == 2
+    # one epoch: the last epoch is the best one, so its separately evaluated weights score the same
+    assert stats["best_vs_last"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert "Wilcoxon signed-rank" in (out / "summary.md").read_text()
     first = (out / "runs" / "medfusionnet" / "seed0" / "run_info.json").stat().st_mtime_ns
     # a third model and an ensemble of the first two: the finished runs are reused, not retrained
     monkeypatch.setitem(compare.ENSEMBLES, "ensemble", ("medfusionnet", "cnn_only"))
@@ -240,6 +248,7 @@ def test_compare_ranks_models_and_resumes(tmp_path, monkeypatch):
     assert (out / "runs" / "medfusionnet" / "seed0" / "run_info.json").stat().st_mtime_ns == first
     results = pd.read_csv(out / "results.csv")
     assert sorted(results["model"]) == sorted(models)
+    assert results["auc_last"].isna().tolist() == [m == "ensemble" for m in results["model"]]
     params = dict(zip(results["model"], results["params_m"]))
     assert params["cnn_only"] < params["no_tabular"] < params["medfusionnet"]  # the ablations drop parts
     assert params["ensemble"] == pytest.approx(params["medfusionnet"] + params["cnn_only"])

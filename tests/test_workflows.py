@@ -114,6 +114,7 @@ def test_demo_train_evaluate_infer(tmp_path):
     ["--network_size", "tiny", "--fusion", "concat", "--branches", "['cnn','relational']", "--fpn", "False"],
     ["--network_size", "tiny", "--interaction", "False", "--use_tabular", "False", "--class_reweighting", "False"],
     ["--network_size", "tiny", "--grad_checkpointing", "True", "--channels_last", "True"],  # training options
+    ["--network_size", "tiny", "--aux_loss_weight", "0.3", "--gate_lr_scale", "30", "--fusion_lr_scale", "2"],
 ])
 def test_networks_and_ablations_selected_by_overrides(tmp_path, overrides):
     out = tmp_path / "run"
@@ -122,7 +123,7 @@ def test_networks_and_ablations_selected_by_overrides(tmp_path, overrides):
     args = json.loads((out / "run_settings.json").read_text())["network_args"]
     for flag, value in zip(overrides[::2], overrides[1::2]):
         key = {"--network_name": "name", "--network_size": "size"}.get(flag, flag[2:])
-        if key in ("grad_checkpointing", "channels_last"):
+        if key in ("grad_checkpointing", "channels_last", "aux_loss_weight", "gate_lr_scale", "fusion_lr_scale"):
             continue  # how to train, not what to build: not saved with the network
         assert str(args[key]).replace(" ", "").replace('"', "'") == value.replace("False", "False")
     _check_training_outputs(out)

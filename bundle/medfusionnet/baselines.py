@@ -32,16 +32,40 @@ class TabularMLP(nn.Module):
         return self.mlp(tabular)
 
 
+class LateFusionHead(nn.Module):
+    """The baselines' classifier: pooled image features ``(B, D)``, the tabular embedding appended when
+    ``use_tabular``, dropout and one linear layer: ``(features, tabular or None) -> logits (B, num_classes)``."""
+
+    def __init__(self, num_image_features: int, num_classes: int, num_tabular_features: int = NUM_TABULAR_FEATURES,
+                 use_tabular: bool = True, tabular_embed_dim: int = 32, dropout_rate: float = 0.2):
+        super().__init__()
+        self.use_tabular = use_tabular
+        self.tabular = TabularMLP(num_tabular_features, tabular_embed_dim) if use_tabular else None
+        self.dropout = nn.Dropout(dropout_rate)
+        self.head = nn.Linear(num_image_features + (tabular_embed_dim if use_tabular else 0), num_classes)
+
+    def fuse(self, features: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pooled image features with the tabular embedding appended when ``use_tabular``: ``(B, D [+ E])``."""
+        if self.tabular is not None:
+            features = torch.cat([features, self.tabular(tabular, features.shape[0])], dim=1)
+        return features
+
+    def classify(self, fused: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` from `fuse`'s output."""
+        return self.head(self.dropout(fused))
+
+    def forward(self, features: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.classify(self.fuse(features, tabular))
+
+
 class LateFusionClassifier(nn.Module, ABC):
-    """Base of the baselines: pooled image features from the subclass's ``image_features``, the tabular embedding
-    appended when ``use_tabular``, dropout and one linear classifier."""
+    """Base of the baselines: pooled image features from the subclass's ``image_features``, then `LateFusionHead`
+    (``late_fusion``)."""
 
     def _build_head(self, num_image_features: int, num_classes: int, num_tabular_features: int, use_tabular: bool,
                     tabular_embed_dim: int, dropout_rate: float) -> None:
-        self.use_tabular = use_tabular
-        self.tabular = TabularMLP(num_tabular_features, tabular_embed_dim)
-        self.dropout = nn.Dropout(dropout_rate)
-        self.head = nn.Linear(num_image_features + (tabular_embed_dim if use_tabular else 0), num_classes)
+        self.late_fusion = LateFusionHead(num_image_features, num_classes, num_tabular_features, use_tabular,
+                                          tabular_embed_dim, dropout_rate)
 
     @abstractmethod
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
@@ -49,14 +73,11 @@ class LateFusionClassifier(nn.Module, ABC):
 
     def forward_features(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pooled image features, with the tabular embedding appended when ``use_tabular``: ``(B, D)``."""
-        x = self.image_features(image)
-        if self.use_tabular:
-            x = torch.cat([x, self.tabular(tabular, x.shape[0])], dim=1)
-        return x
+        return self.late_fusion.fuse(self.image_features(image), tabular)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` from `forward_features`' output."""
-        return self.head(self.dropout(features))
+        return self.late_fusion.classify(features)
 
     def forward(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(image, tabular))

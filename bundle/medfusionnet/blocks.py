@@ -118,11 +118,17 @@ class TokensToConv(nn.Module):
     upsamples before the residual branch; here the branch runs on the small token grid and the sum is upsampled once
     (bilinear upsampling is linear, so only the branch's nonlinearities see the coarser grid), which makes T2C about
     (H W / N) times cheaper. The branch runs at ``C / reduction`` channels.
+
+    ``layer_scale``: when given, a learned per-channel scale with this initial value multiplies the update
+    (LayerScale); 0 makes T2C start as a no-op, so the CNN branch starts as the plain CNN (eq. 14a).
     """
 
-    def __init__(self, dim: int, out_channels: int, reduction: int = 4):
+    def __init__(self, dim: int, out_channels: int, reduction: int = 4, layer_scale: Optional[float] = None):
         super().__init__()
         hidden = max(out_channels // reduction, 8)
+        self.scale = (
+            nn.Parameter(torch.full((out_channels, 1, 1), float(layer_scale))) if layer_scale is not None else None
+        )
         self.proj = nn.Sequential(nn.Conv2d(dim, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
                                   nn.ReLU(inplace=True))
         self.conv_r = nn.Sequential(nn.Conv2d(out_channels, hidden, 1), nn.ReLU(inplace=True))
@@ -132,6 +138,8 @@ class TokensToConv(nn.Module):
     def forward(self, tokens: torch.Tensor, grid: List[int], size: List[int]) -> torch.Tensor:
         x = self.proj(tokens_to_grid(tokens, grid))  # (B, C, h, w), eq. 12
         x = self.conv_out(self.conv_s(self.conv_r(x))) + x  # eqs. 13-14 on the token grid
+        if self.scale is not None:
+            x = x * self.scale  # eq. 14a
         return resize_grid(x, size)  # B(.), to the CNN map's (H, W)
 
 

@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 
 import torch
-from monai.losses import FocalLoss
+from monai.losses import DeepSupervisionLoss, FocalLoss
 from torch import nn
 from torch.nn import functional as F
 
@@ -99,6 +99,22 @@ class SumLoss(nn.Module):
         return sum(loss(logits, target) for loss in self.losses)
 
 
+class BranchSupervisionLoss(nn.Module):
+    """Deep supervision of MedFusionNet's branches (``deep_supervision=True``): for logits ``(B, 3, K)`` (the
+    network's, its baseline path's and its fusion's) the loss is ``L(z) + aux_weight * (L(z_base) + L(z_fusion))``,
+    through MONAI's `DeepSupervisionLoss`; logits ``(B, K)`` (other networks, evaluation) get ``L(z)``."""
+
+    def __init__(self, loss: nn.Module, aux_weight: float):
+        super().__init__()
+        self.loss = loss
+        self.deep = DeepSupervisionLoss(loss, weights=[1.0, aux_weight, aux_weight])
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.dim() == 3:
+            return self.deep(list(logits.unbind(1)), target)
+        return self.loss(logits, target)
+
+
 def create_loss(
     name: str = "focal",
     label_counts: Sequence[float] | None = None,
@@ -108,14 +124,20 @@ def create_loss(
     asl_gamma_neg: float = 4.0,
     asl_clip: float = 0.05,
     output_dir: str | None = None,
+    aux_loss_weight: float = 0.0,
 ) -> nn.Module:
     """The training loss by name: ``bce``, ``focal`` (MONAI `FocalLoss`, sigmoid, per-class weights), ``asl``,
     ``focal_asl`` (their Pareto-balanced sum, CTransCNN's) or ``bce_focal`` (BCE plus focal, CONVFCMAE's).
 
     Class weights come from ``label_counts`` and ``num_samples`` (`class_weights`); without counts, or with
     ``class_weight_power`` 0, classes weigh the same. With ``output_dir`` the weights are saved there as
-    ``class_weights.json``.
+    ``class_weights.json``. ``aux_loss_weight`` > 0 wraps the loss in `BranchSupervisionLoss`.
     """
+    loss = _named_loss(name, label_counts, num_samples, class_weight_power, gamma, asl_gamma_neg, asl_clip, output_dir)
+    return BranchSupervisionLoss(loss, aux_loss_weight) if aux_loss_weight > 0 else loss
+
+
+def _named_loss(name, label_counts, num_samples, class_weight_power, gamma, asl_gamma_neg, asl_clip, output_dir):
     if name not in LOSSES:
         raise ValueError(f"loss='{name}' is not supported; use one of {LOSSES}")
     weight = None

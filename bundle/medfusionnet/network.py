@@ -1,5 +1,6 @@
-"""MedFusionNet: a parallel CNN + transformer network with feature pyramids, cross-branch interaction and
-label-query fusion of image and tabular tokens (``docs/architecture.md`` has the diagram and the equations)."""
+"""MedFusionNet: a DenseNet-121 classifier path refined, through a per-finding gate that starts at zero, by a parallel
+transformer branch with cross-branch interaction and label-query fusion of image and tabular tokens
+(``docs/architecture.md`` has the diagram and the equations)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from monai.networks.blocks import FeaturePyramidNetwork
 from monai.networks.nets import DenseNet
 from torch import nn
 
+from .baselines import LateFusionHead
 from .blocks import (
     ClassReweighting,
     ConvToTokens,
@@ -32,12 +35,12 @@ from .tabular import FEATURE_NAMES, NUM_TABULAR_FEATURES, missing_tabular_vector
 BRANCHES = ("cnn", "transformer", "relational")
 FUSIONS = ("attention", "concat")
 
-# Sizes: ``base`` has DenseNet-121's CNN and a ViT-S-wide transformer; ``tiny`` is for tests and CPU smoke runs.
+# Sizes: ``base`` has DenseNet-121's CNN and a ViT-Ti-wide transformer; ``tiny`` is for tests and CPU smoke runs.
 SIZES: Dict[str, dict] = {
     "tiny": dict(init_features=16, growth_rate=8, block_config=(2, 2, 2, 2), bn_size=2, embed_dim=32,
                  depth=(1, 1, 1, 1), num_heads=2, fpn_channels=32, decoder_depth=1, pool_size=4),
-    "base": dict(init_features=64, growth_rate=32, block_config=(6, 12, 24, 16), bn_size=4, embed_dim=384,
-                 depth=(1, 1, 1, 1), num_heads=6, fpn_channels=64, decoder_depth=2, pool_size=7),
+    "base": dict(init_features=64, growth_rate=32, block_config=(6, 12, 24, 16), bn_size=4, embed_dim=192,
+                 depth=(1, 1, 1, 1), num_heads=3, fpn_channels=64, decoder_depth=2, pool_size=7),
 }
 
 
@@ -116,6 +119,11 @@ class MedFusionNet(nn.Module):
     ``forward(image (B, in_channels, H, W), tabular (B, num_tabular_features) or None) -> logits (B, num_classes)``;
     H and W are multiples of 32 (64 to 512 tested). ``tabular=None`` means every field is missing.
 
+    With ``baseline_path`` (and the CNN branch) the logits are ``z_base + gate * z_fusion``: ``z_base`` is the
+    DenseNet-121 baseline's classifier (`baselines.LateFusionHead` on the pooled last CNN map), ``z_fusion`` the
+    label-query fusion's, and ``gate`` a learned per-finding scale that starts at 0, as does the T2C update of the CNN
+    maps: the untrained network computes exactly what `baselines.DenseNet121Tabular` computes with the same weights.
+
     Args:
         num_classes: number of findings K.
         in_channels: image channels (1 for X-rays).
@@ -125,11 +133,16 @@ class MedFusionNet(nn.Module):
             ``relational`` (self-attention among the label embeddings). Without both image branches, the image
             tokens come from the stem's patch embedding alone.
         interaction: C2T/T2C exchange between aligned stages (needs both image branches).
-        fpn: feature pyramids over the stages of each image branch; otherwise the last stage only.
+        fpn: feature pyramids over the stages of each image branch; otherwise (the default) the label queries read
+            the last stage of each branch only.
         fusion: ``attention`` (label queries attend to image and tabular tokens) or ``concat`` (pooled features
             concatenated, then an MLP makes the label embeddings).
         use_tabular: feed the tabular tokens to the fusion.
         class_reweighting: per-label gains on the fused label embeddings, initialised from ``label_counts``.
+        baseline_path: keep the DenseNet-121 classifier path and add the fusion's logits through the zero-initialised
+            gate (needs the CNN branch); False gives the fusion's logits alone.
+        deep_supervision: in training mode, return ``(B, 3, K)``: the logits, the baseline path's and the fusion's,
+            for `losses.BranchSupervisionLoss`; evaluation mode always returns ``(B, K)``.
         label_counts: training positives per label, for the reweighting prior (None: gains start at 1).
         image_size: input size the position embeddings are learned for (others are interpolated).
         patch_size: patch size on the stem's stride-4 map: 8 gives stride-32 tokens (7 x 7 at 224 px, the grid of
@@ -147,7 +160,7 @@ class MedFusionNet(nn.Module):
         size: str = "base",
         branches: Sequence[str] = BRANCHES,
         interaction: bool = True,
-        fpn: bool = True,
+        fpn: bool = False,
         fusion: str = "attention",
         use_tabular: bool = True,
         class_reweighting: bool = True,
@@ -161,6 +174,8 @@ class MedFusionNet(nn.Module):
         mlp_ratio: float = 4.0,
         dropout_rate: float = 0.0,
         drop_path_rate: float = 0.1,
+        baseline_path: bool = True,
+        deep_supervision: bool = False,
     ):
         super().__init__()
         if size not in SIZES:
@@ -185,6 +200,8 @@ class MedFusionNet(nn.Module):
         self.fusion = fusion
         self.use_tabular = use_tabular
         self.pool_size = pool
+        self.deep_supervision = deep_supervision
+        refine = baseline_path and self.use_cnn
 
         # stem and CNN branch: MONAI's DenseNet, cut into its stem and 4 stages at strides 4, 8, 16, 32 (eqs. 1-2)
         densenet = DenseNet(2, in_channels, num_classes, init_features=cfg["init_features"],
@@ -219,7 +236,7 @@ class MedFusionNet(nn.Module):
                 transformer=nn.Sequential(*blocks) if self.use_transformer else None,
                 norm=nn.LayerNorm(dim) if self.use_transformer and (fpn or i == 3) else None,
                 c2t=ConvToTokens(channels[i], dim) if interact else None,
-                t2c=TokensToConv(dim, channels[i]) if interact and i < 3 else None,
+                t2c=TokensToConv(dim, channels[i], layer_scale=0.0 if refine else None) if interact and i < 3 else None,
             ))
 
         # feature pyramids, pooled to image tokens with a level embedding each
@@ -276,6 +293,22 @@ class MedFusionNet(nn.Module):
         self.head = PerLabelHead(num_classes, dim)
         self.embed_dim = dim
 
+        # the baseline's classifier path on the last CNN map, and the gate through which the fusion refines it
+        self.baseline = (
+            LateFusionHead(channels[-1], num_classes, num_tabular_features, use_tabular) if refine else None
+        )
+        self.gate = nn.Parameter(torch.zeros(num_classes)) if refine else None
+
+    @torch.jit.unused
+    def parameter_kind(self, name: str) -> str:
+        """``baseline`` (stem, CNN stages, baseline classifier), ``gate`` (the fusion gate and the T2C scales, which
+        start at 0) or ``fusion`` (the rest) for the parameter ``name`` (`workflows.parameter_groups`)."""
+        if name == "gate" or name.endswith("t2c.scale"):
+            return "gate"
+        if name.startswith(("stem.", "baseline.")) or (name.startswith("stages.") and ".cnn." in name):
+            return "baseline"
+        return "fusion"
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each hybrid stage's activations during the backward pass instead of storing them: less memory
         in training for about one more forward pass of compute (``scripts/benchmark.py --variants checkpoint``)."""
@@ -283,13 +316,13 @@ class MedFusionNet(nn.Module):
             stage.grad_checkpointing = bool(enable)
 
     # ---- image branches -------------------------------------------------------------------------------------
-    def _image_tokens(self, image: torch.Tensor) -> List[torch.Tensor]:
-        """Image tokens per pyramid level, each ``(B, n_level, D)``."""
+    def _image_tokens(self, image: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Image tokens per level, each ``(B, n_level, D)``, and the last CNN map (empty without the CNN branch)."""
         x = self.stem(image)  # (B, C0, H/4, W/4)
         tokens = torch.zeros(0)
         grid: List[int] = [0, 0]
         if self.patch_embed is not None:
-            tokens, grid = self.patch_embed(x)  # (B, N, D), N = (H/16)(W/16)
+            tokens, grid = self.patch_embed(x)  # (B, N, D), N = (H/32)(W/32)
         cnn_maps: List[torch.Tensor] = []
         token_maps: List[torch.Tensor] = []
         for stage in self.stages:
@@ -299,7 +332,9 @@ class MedFusionNet(nn.Module):
             if self.use_transformer:
                 token_maps.append(token_map)
         levels: List[torch.Tensor] = []
-        pool = [self.pool_size, self.pool_size]
+        # pooled down to at most pool_size x pool_size, never interpolated up: small inputs give fewer tokens
+        last = [max(image.shape[-2] // 32, 1), max(image.shape[-1] // 32, 1)]
+        pool = [min(self.pool_size, last[0]), min(self.pool_size, last[1])]
         if self.use_cnn:
             if self.fpn is not None:
                 feats: Dict[str, torch.Tensor] = OrderedDict()
@@ -316,30 +351,26 @@ class MedFusionNet(nn.Module):
             for i, m in enumerate(selected):
                 # deeper stages pooled coarser: a multi-depth, multi-scale pyramid
                 side = max(self.pool_size >> max(i - 1, 0), 1) if self.use_fpn else self.pool_size
-                levels.append(grid_to_tokens(resize_grid(m, [side, side])))
+                levels.append(grid_to_tokens(resize_grid(m, [min(side, pool[0]), min(side, pool[1])])))
         if self.patch_token_proj is not None:
             levels.append(self.patch_token_proj(grid_to_tokens(resize_grid(tokens_to_grid(tokens, grid), pool))))
-        return [lvl + self.level_embed[i] for i, lvl in enumerate(levels)]
+        last_map = cnn_maps[-1] if self.use_cnn else torch.zeros(0)
+        return [lvl + self.level_embed[i] for i, lvl in enumerate(levels)], last_map
 
-    # ---- fusion and head ------------------------------------------------------------------------------------
-    def forward_features(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Fused label embeddings ``(B, K, D)`` from the image and the tabular vector."""
-        groups = self._image_tokens(image)
-        if self.tabular_tokens is not None:
-            if tabular is None:
-                tabular = self.missing_tabular.unsqueeze(0).expand(image.shape[0], -1)
-            groups.append(self.tabular_tokens(tabular))  # (B, fields, D)
+    # ---- fusion and heads -----------------------------------------------------------------------------------
+    def _fused_labels(self, groups: List[torch.Tensor], batch: int) -> torch.Tensor:
+        """Fused label embeddings ``(B, K, D)`` from the memory groups (image levels, tabular tokens)."""
         queries = self.label_queries
         if queries is not None:
             memory = self.memory_norm(torch.cat(groups, dim=1))  # (B, M, D)
-            labels = queries.unsqueeze(0).expand(image.shape[0], -1, -1)  # (B, K, D)
+            labels = queries.unsqueeze(0).expand(batch, -1, -1)  # (B, K, D)
             for layer in self.decoder:
                 labels = layer(labels, memory)
         else:
             pooled = torch.cat([self.memory_norm(g).mean(1) for g in groups], dim=1)  # (B, groups * D)
             labels = pooled.new_zeros(0)
             if self.concat_mlp is not None:
-                labels = self.concat_mlp(pooled).view(image.shape[0], self.num_classes, self.embed_dim)
+                labels = self.concat_mlp(pooled).view(batch, self.num_classes, self.embed_dim)
             for layer in self.relational_layers:
                 labels = layer(labels)
         labels = self.label_norm(labels)
@@ -347,12 +378,29 @@ class MedFusionNet(nn.Module):
             labels = self.reweighting(labels)
         return labels
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, K)`` from the label embeddings of `forward_features`."""
-        return self.head(features)
+    def branch_logits(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None
+                      ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """The baseline path's logits ``(B, K)`` (None without it) and the label-query fusion's ``(B, K)``."""
+        groups, last_map = self._image_tokens(image)
+        if tabular is None:
+            tabular = self.missing_tabular.unsqueeze(0).expand(image.shape[0], -1)
+        if self.tabular_tokens is not None:
+            groups.append(self.tabular_tokens(tabular))  # (B, fields, D)
+        fused = self.head(self._fused_labels(groups, image.shape[0]))  # eq. 19
+        base: Optional[torch.Tensor] = None
+        if self.baseline is not None:
+            base = self.baseline(torch.flatten(F.adaptive_avg_pool2d(last_map, 1), 1), tabular)  # eq. 20
+        return base, fused
 
     def forward(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(image, tabular))
+        base, fused = self.branch_logits(image, tabular)
+        gate = self.gate
+        if base is None or gate is None:
+            return fused
+        logits = base + gate * fused  # eq. 21
+        if self.deep_supervision and self.training:
+            return torch.stack([logits, base, fused], dim=1)
+        return logits
 
     # ---- initialisation -------------------------------------------------------------------------------------
     def load_cnn_weights(self, path: str) -> List[str]:

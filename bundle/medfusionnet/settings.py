@@ -58,8 +58,12 @@ RULES = {
     "seed": _int_at_least(0),
     "image_size": _int_at_least(32),
     "curriculum_epochs": _int_at_least(0),
+    "warmup_epochs": _int_at_least(0),
     "sampler_max_repeats": _int_at_least(1),
     "learning_rate": _number_at_least(0, strict=True),
+    "fusion_lr_scale": _number_at_least(0, strict=True),
+    "gate_lr_scale": _number_at_least(0, strict=True),
+    "aux_loss_weight": _number_at_least(0),
     "weight_decay": _number_at_least(0),
     "focal_gamma": _number_at_least(0),
     "class_weight_power": _number_at_least(0),
@@ -81,7 +85,8 @@ RULES = {
 def check_training_settings(**settings) -> None:
     """Validate training config values given as keyword arguments (any subset of `RULES`' keys).
 
-    Besides each key's own rule: ``val_fraction + test_fraction`` must stay below 1, and for MedFusionNet
+    Besides each key's own rule: ``val_fraction + test_fraction`` must stay below 1, ``warmup_epochs`` below
+    ``max_epochs``, and for MedFusionNet
     (``network_name`` ``medfusionnet``, the default when it is not given) ``image_size`` must be a multiple of 32.
 
     Raises:
@@ -100,6 +105,9 @@ def check_training_settings(**settings) -> None:
         if total >= 1:
             raise ValueError(f"val_fraction={settings['val_fraction']!r} and test_fraction="
                              f"{settings['test_fraction']!r} add up to {total:g}: their sum must stay below 1")
+    if settings.get("warmup_epochs", 0) and settings["warmup_epochs"] >= settings.get("max_epochs", math.inf):
+        raise ValueError(f"warmup_epochs={settings['warmup_epochs']!r} is not valid: use fewer than max_epochs="
+                         f"{settings['max_epochs']!r}")
     name, size = settings.get("network_name", "medfusionnet"), settings.get("image_size")
     if size is not None and name in NETWORKS_WITH_STRIDE and size % STRIDE:
         below = max(size // STRIDE * STRIDE, STRIDE)
