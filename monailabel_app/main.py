@@ -109,7 +109,7 @@ class MedFusionNetApp(MONAILabelApp):
             raise ValueError(f"bundle_path {self.bundle_path} is not a packaged MedFusionNet bundle "
                              "(run scripts/package_bundle.py and pass --conf bundle_path <its folder>)")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="MedFusionNet",
-                         description="Chest X-ray findings with decision support", version="0.3.0")
+                         description="Chest X-ray findings with decision support", version="0.4.0")
 
     def init_infers(self):
         """The one infer task."""

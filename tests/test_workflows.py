@@ -229,3 +229,14 @@ def test_a_checkpoint_of_another_network_is_refused_by_name(tmp_path):
                         ("list.pt", "holds a list, not a state dict")):
         with pytest.raises(ValueError, match=rf"{name}.*{match}"):
             check_checkpoint(str(tmp_path / name), net)
+
+
+def test_a_0_3_checkpoint_is_refused_by_name(tmp_path):
+    """0.3.0's MedFusionNet base (384-wide transformer, pyramids, fusion logits only) is the 0.4.0 network with
+    these switches; its weights do not load into the 0.4.0 default, and the refusal names the new parts."""
+    from medfusionnet.workflows import check_checkpoint
+
+    old = medfusionnet.create_network("medfusionnet", baseline_path=False, fpn=True, embed_dim=384, num_heads=6)
+    torch.save(old.state_dict(), tmp_path / "v030.pt")
+    with pytest.raises(ValueError, match=r"v030.pt.*differ in shape.*absent from the checkpoint \(e.g\. .*'gate'"):
+        check_checkpoint(str(tmp_path / "v030.pt"), medfusionnet.create_network("medfusionnet"))
