@@ -29,12 +29,12 @@ def test_timm_baselines_give_logits_with_and_without_tabular(name):
         missing = net(image)
         assert missing.shape == (2, 14) and torch.isfinite(missing).all()
         # no tabular input means every field missing, as for the bundle's own networks
-        torch.testing.assert_close(net(image, net.tabular.missing_input.expand(2, -1)), missing)
+        torch.testing.assert_close(net(image, net.late_fusion.tabular.missing_input.expand(2, -1)), missing)
         # (features, not logits: a randomly initialised Inception's eval-mode logits reach 1e7 and swamp the rest)
         ones = torch.ones(2, medfusionnet.NUM_TABULAR_FEATURES)
         assert not torch.allclose(net.forward_features(image, ones), net.forward_features(image))
     without = medfusionnet.create_network(name, image_size=size, use_tabular=False)
-    assert without.head.in_features == net.head.in_features - 32
+    assert without.late_fusion.head.in_features == net.late_fusion.head.in_features - 32
 
 
 def test_any_timm_model_by_name_and_a_training_step():
