@@ -1,6 +1,6 @@
 """Check an NIH-format dataset before training: split sizes, findings per split, missing and unreadable files.
 
-    python scripts/check_dataset.py --dataset_dir /data/nih [--labels_csv ...] [--images_dir ...] [--decode]
+    python scripts/check_dataset.py --dataset_dir /data/nih [--labels_csv a.csv:b.csv] [--images_dir a:b] [--decode]
 
 Prints a table of positives per finding in each split and writes it as JSON with ``--output``. ``--decode`` reads
 every image once (slow on the full dataset) and lists the files that cannot be decoded. Exit status 1 when any
@@ -18,19 +18,19 @@ import sys
 import numpy as np
 
 from medfusionnet.constants import LABELS
-from medfusionnet.data import frame_to_records, read_nih_csv, split_frame
+from medfusionnet.data import as_paths, frame_to_records, read_nih_csvs, split_frame
 from medfusionnet.imaging import UnreadableImageError, read_xray
 
 
 def summarize_dataset(dataset_dir, labels_csv=None, images_dir=None, split="official", seed=0, decode=False) -> dict:
     """Counts per split and finding, plus the names of missing and (with ``decode``) unreadable images."""
-    labels_csv = labels_csv or os.path.join(dataset_dir, "Data_Entry_2017.csv")
-    images_dir = images_dir or os.path.join(dataset_dir, "images")
-    frame = read_nih_csv(labels_csv)
-    parts = split_frame(frame, split, (dataset_dir, os.path.dirname(labels_csv)), seed=seed)
-    summary = {"labels_csv": labels_csv, "images_dir": images_dir, "splits": {}, "missing": [], "unreadable": []}
+    csvs = as_paths(labels_csv) or [os.path.join(dataset_dir, "Data_Entry_2017.csv")]
+    folders = as_paths(images_dir) or [os.path.join(dataset_dir, "images")]
+    frame = read_nih_csvs(csvs)
+    parts = split_frame(frame, split, (dataset_dir, *(os.path.dirname(p) for p in csvs)), seed=seed)
+    summary = {"labels_csv": csvs, "images_dir": folders, "splits": {}, "missing": [], "unreadable": []}
     for name, part in parts.items():
-        records, missing = frame_to_records(part, images_dir)
+        records, missing = frame_to_records(part, folders)
         summary["missing"] += missing
         if decode:
             for record in records:
@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset_dir", required=True)
-    parser.add_argument("--labels_csv")
-    parser.add_argument("--images_dir")
+    parser.add_argument("--labels_csv", help="one CSV, or several joined by the path separator (':' on Linux)")
+    parser.add_argument("--images_dir", help="one folder, or several joined by the path separator")
     parser.add_argument("--split", default="official", choices=("official", "random"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--decode", action="store_true", help="decode every image to find unreadable files")

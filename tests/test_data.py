@@ -1,4 +1,5 @@
 import logging
+import os
 
 import numpy as np
 import pandas as pd
@@ -6,11 +7,13 @@ import pytest
 
 from medfusionnet.constants import LABELS
 from medfusionnet.data import (
+    as_paths,
     find_official_lists,
     folder_records,
     parse_findings,
     prepare_datasets,
     read_nih_csv,
+    read_nih_csvs,
     split_frame,
 )
 
@@ -183,3 +186,32 @@ def test_datalist_records_for_inference(nih_dir, tmp_path):
         datalist_records(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="input_dir"):
         inference_records(None, None, None)
+
+
+def test_several_labels_csvs_and_image_folders_train_as_one_set(nih_dir, tmp_path):
+    """The 469 images at 256 px and the 751 thumbnails: 4 images are in both and keep the first CSV's row and the
+    first folder's file; the official lists split the union patient-wise."""
+    csvs = [str(nih_dir / "labels.csv"), str(nih_dir / "kcr64" / "labels.csv")]
+    folders = [str(nih_dir / "images_256"), str(nih_dir / "kcr64" / "images")]
+    first, second = (set(pd.read_csv(p)["Image Index"]) for p in csvs)
+    data = prepare_datasets(str(nih_dir), os.pathsep.join(csvs), folders, output_dir=str(tmp_path))
+    records = data.train + data.val + data.test
+    names = [r["name"] for r in records]
+    assert len(names) == len(set(names)) == len(first | second) == 1216
+    shared = first & second
+    assert len(shared) == 4
+    for r in records:
+        expected = folders[0] if r["name"] in first else folders[1]
+        assert os.path.dirname(r["image"]) == expected
+    patients = [{r["patient_id"] for r in part} for part in (data.train, data.val, data.test)]
+    assert not (patients[0] & patients[1]) and not (patients[0] & patients[2]) and not (patients[1] & patients[2])
+    assert as_paths(os.pathsep.join(csvs)) == as_paths(csvs) == csvs
+
+
+def test_labels_csvs_that_disagree_on_an_image_are_refused(nih_dir, tmp_path):
+    other = pd.read_csv(nih_dir / "kcr64" / "labels.csv")
+    shared = sorted(set(other["Image Index"]) & set(pd.read_csv(nih_dir / "labels.csv")["Image Index"]))[0]
+    other.loc[other["Image Index"] == shared, "Finding Labels"] = "Hernia|Mass"
+    other.to_csv(tmp_path / "other.csv", index=False)
+    with pytest.raises(ValueError, match=f"'{shared}' is listed in .*labels.csv and in .*other.csv"):
+        read_nih_csvs([str(nih_dir / "labels.csv"), str(tmp_path / "other.csv")])

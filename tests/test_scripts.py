@@ -283,3 +283,26 @@ def test_soak_bad_files_are_unreadable_and_cycles_are_checked(tmp_path):
             read_xray(str(path))
     with pytest.raises(SystemExit):
         soak.main(["--cycles", "2", "--output_dir", str(tmp_path / "soak")])
+
+
+def test_learning_curve_reads_each_budget_and_plots(tmp_path, capsys):
+    curve = _script("learning_curve")
+    for epochs, shift in ((5, 0.0), (10, 0.1)):
+        folder = tmp_path / f"e{epochs}"
+        folder.mkdir()
+        pd.DataFrame({"model": ["medfusionnet", "densenet121"] * 2, "seed": [0, 0, 1, 1],
+                      "auc": [0.5 + shift, 0.6 + shift, 0.7 + shift, 0.6 + shift],
+                      "auc_last": [0.55, 0.65, 0.65, 0.55], "f1": 0.1}).to_csv(folder / "results.csv", index=False)
+    assert curve.main(["--runs", f"10={tmp_path / 'e10'}", f"5={tmp_path / 'e5'}", "--output",
+                       str(tmp_path / "out" / "curve")]) == 0
+    table = pd.read_csv(tmp_path / "out" / "curve.csv")
+    assert list(table.columns) == ["epochs", "model", "seed", "auc", "auc_last"]
+    assert table["epochs"].tolist() == [5] * 4 + [10] * 4  # sorted by budget whatever the order given
+    means = table.groupby(["epochs", "model"])["auc"].mean()
+    assert means[(5, "medfusionnet")] == pytest.approx(0.6) and means[(10, "densenet121")] == pytest.approx(0.7)
+    assert (tmp_path / "out" / "curve.png").stat().st_size > 1000
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="'e5' is not EPOCHS=FOLDER"):
+        curve.parse_runs(["e5"])
+    with pytest.raises(FileNotFoundError, match="20 epochs: .*results.csv does not exist"):
+        curve.read_curve({20: tmp_path / "none"})

@@ -142,6 +142,43 @@ def warn_unusable_fields(path: str, table: pd.DataFrame) -> None:
                            path, int(bad.sum()), kind, column, i + 2, text.iloc[i], known)
 
 
+def as_paths(value) -> list[str]:
+    """One or several paths: a list, or a string holding one path or several joined by ``os.pathsep``."""
+    if value is None:
+        return []
+    items = value.split(os.pathsep) if isinstance(value, str) else list(value)
+    return [str(p).strip() for p in items if str(p).strip()]
+
+
+def read_nih_csvs(paths: list[str], labels=LABELS) -> pd.DataFrame:
+    """`read_nih_csv` of each file, rows concatenated in order.
+
+    An image listed in several files keeps its first row when the files agree on its patient and findings.
+
+    Raises:
+        ValueError: naming both files and the image when they disagree on its patient or findings.
+    """
+    frames = [read_nih_csv(p, labels) for p in paths]
+    merged, source = frames[0], pd.Series(paths[0], index=frames[0].index)
+    for path, frame in zip(paths[1:], frames[1:]):
+        first = dict(zip(merged[KEY_NAME], zip(merged[KEY_PATIENT], merged[KEY_LABEL], source)))
+        repeated = frame[KEY_NAME].isin(first)
+        for row in frame[repeated].itertuples(index=False):
+            row = row._asdict()
+            patient, label, where = first[row[KEY_NAME]]
+            if row[KEY_PATIENT] != patient or not np.array_equal(row[KEY_LABEL], label):
+                raise ValueError(
+                    f"'{row[KEY_NAME]}' is listed in {where} and in {path} with a different patient or findings"
+                )
+        if repeated.any():
+            logger.info("%d image(s) of %s are already listed in an earlier labels_csv; the first row is kept",
+                        int(repeated.sum()), path)
+        kept = frame[~repeated]
+        merged = pd.concat([merged, kept], ignore_index=True)
+        source = pd.concat([source, pd.Series(path, index=kept.index)], ignore_index=True)
+    return merged
+
+
 def read_split_list(path: str) -> set[str]:
     """Image names of an NIH split list (one per line; the official files have no final newline)."""
     with open(path) as f:
@@ -224,16 +261,18 @@ def split_frame(
     return {"train": train, "val": val, "test": test}
 
 
-def frame_to_records(frame: pd.DataFrame, images_dir: str) -> tuple[list[dict], list[str]]:
+def frame_to_records(frame: pd.DataFrame, images_dir) -> tuple[list[dict], list[str]]:
     """Datalist items (``image`` path, ``label``, raw tabular fields, ``name``) for rows whose file exists.
 
-    Returns the items and the names of listed images missing from ``images_dir``.
+    ``images_dir`` is one folder or several (`as_paths`); an image found in several is taken from the first.
+    Returns the items and the names of listed images missing from every folder.
     """
+    folders = as_paths(images_dir)
     records, missing = [], []
     for row in frame.itertuples(index=False):
         row = row._asdict()
-        path = os.path.join(images_dir, row[KEY_NAME])
-        if not os.path.isfile(path):
+        path = next((p for p in (os.path.join(f, row[KEY_NAME]) for f in folders) if os.path.isfile(p)), None)
+        if path is None:
             missing.append(row[KEY_NAME])
             continue
         records.append({KEY_IMAGE: path, **row})
@@ -360,6 +399,9 @@ def prepare_datasets(
 ) -> PreparedData:
     """Read, split and list a dataset; fit (or load) the tabular encoder.
 
+    ``labels_csv`` and ``images_dir`` each take one path or several (a list, or joined by ``os.pathsep``): the
+    CSVs' rows are joined (`read_nih_csvs`) and each image is read from the first folder holding it, so sets such as
+    NIH's 256 px images and a folder of thumbnails train as one.
     With ``dataset_dir=None`` a synthetic NIH-format demo set is generated once into ``demo_dir`` and used.
     The encoder is loaded from ``tabular_encoder_path`` when that file exists (evaluation and inference), else fitted
     on the training records and, when ``output_dir`` is given, saved there as ``tabular_encoder.json`` along with
@@ -369,24 +411,28 @@ def prepare_datasets(
     if synthetic:
         dataset_dir = _make_demo_once(demo_dir)
         logger.warning("no dataset_dir given: using the SYNTHETIC demo dataset in %s (not real X-rays)", dataset_dir)
-    labels_csv = labels_csv or os.path.join(dataset_dir, "Data_Entry_2017.csv")
-    images_dir = images_dir or os.path.join(dataset_dir, "images")
-    if not os.path.isfile(labels_csv):
-        raise FileNotFoundError(f"labels_csv '{labels_csv}' does not exist")
-    if not os.path.isdir(images_dir):
-        raise FileNotFoundError(f"images_dir '{images_dir}' is not a folder")
-    frame = read_nih_csv(labels_csv)
-    parts = split_frame(frame, split, (dataset_dir, os.path.dirname(labels_csv)), val_fraction, test_fraction, seed)
+    csvs = as_paths(labels_csv) or [os.path.join(dataset_dir, "Data_Entry_2017.csv")]
+    folders = as_paths(images_dir) or [os.path.join(dataset_dir, "images")]
+    for path in csvs:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"labels_csv '{path}' does not exist")
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"images_dir '{folder}' is not a folder")
+    labels_csv, images_dir = os.pathsep.join(csvs), os.pathsep.join(folders)
+    frame = read_nih_csvs(csvs)
+    list_folders = (dataset_dir, *(os.path.dirname(p) for p in csvs))
+    parts = split_frame(frame, split, list_folders, val_fraction, test_fraction, seed)
     lists, missing = {}, []
     for name, part in parts.items():
-        lists[name], lost = frame_to_records(part, images_dir)
+        lists[name], lost = frame_to_records(part, folders)
         missing += lost
     if missing:
         logger.warning(
             "%d image(s) listed in %s are missing from %s and are skipped (e.g. %s)",
             len(missing), labels_csv, images_dir, ", ".join(missing[:3]),
         )
-    on_disk = {f for f in os.listdir(images_dir) if imaging.is_supported(f)}
+    on_disk = {f for folder in folders for f in os.listdir(folder) if imaging.is_supported(f)}
     unlisted = len(on_disk - set(frame[KEY_NAME]))
     if unlisted:
         logger.info("%d image file(s) in %s have no row in %s and are not used", unlisted, images_dir, labels_csv)
