@@ -33,8 +33,12 @@ class MedFusionNetInfer(InferTask):
             sys.path.insert(0, bundle_path)
         from medfusionnet.constants import LABELS
 
-        super().__init__(type=InferType.CLASSIFICATION, labels=list(LABELS), dimension=2,
-                         description="MedFusionNet: 14 NIH findings, decisions, risk tier and Grad-CAM")
+        super().__init__(
+            type=InferType.CLASSIFICATION,
+            labels=list(LABELS),
+            dimension=2,
+            description="MedFusionNet: 14 NIH findings, decisions, risk tier and Grad-CAM",
+        )
         self.bundle_path = bundle_path
         self._loaded = None
 
@@ -52,8 +56,11 @@ class MedFusionNetInfer(InferTask):
             network, encoder, image_size, thresholds = load_trained(models)
             calibration = os.path.join(models, "calibration.json")
             self._loaded = {
-                "network": network, "image_size": image_size, "thresholds": np.asarray(thresholds),
-                "transform": xray_transforms(encoder, image_size, with_label=False), "rule": RiskTierRule(),
+                "network": network,
+                "image_size": image_size,
+                "thresholds": np.asarray(thresholds),
+                "transform": xray_transforms(encoder, image_size, with_label=False),
+                "rule": RiskTierRule(),
                 "calibration": TemperatureScaling.load(calibration) if os.path.isfile(calibration) else None,
             }
         return self._loaded
@@ -81,21 +88,27 @@ class MedFusionNetInfer(InferTask):
         # back to the X-ray's own frame: undo the centred padding, then resize to the file's size
         height, width = read_xray(path).array.shape
         x0, y0, x1, y1 = explain.rescale_box((0, 0, width, height), (width, height), m["image_size"])
-        crop = cam[int(round(y0)):int(round(y1)), int(round(x0)):int(round(x1))]
+        crop = cam[int(round(y0)) : int(round(y1)), int(round(x0)) : int(round(x1))]
         mask = np.asarray(Image.fromarray((crop >= 0.5).astype(np.uint8) * 255).resize((width, height))) > 127
         label_path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
         Image.fromarray(mask.astype(np.uint8)).save(label_path)
         # thresholds on the scale of the reported probabilities (temperature scaling is monotone)
-        thresholds = (m["calibration"].transform(probabilities_to_logits(m["thresholds"][None]))[0]
-                      if m["calibration"] else m["thresholds"])
+        thresholds = (
+            m["calibration"].transform(probabilities_to_logits(m["thresholds"][None]))[0]
+            if m["calibration"]
+            else m["thresholds"]
+        )
         result = {
-            "image": os.path.basename(path), "tier": m["rule"](decisions), "rule": m["rule"].describe(),
+            "image": os.path.basename(path),
+            "tier": m["rule"](decisions),
+            "rule": m["rule"].describe(),
             "thresholds": {label: round(float(t), 6) for label, t in zip(LABELS, thresholds)},
             "findings": [label for label, d in zip(LABELS, decisions) if d],
             "probabilities": {label: round(float(p), 6) for label, p in zip(LABELS, shown)},
             "decisions": {label: bool(d) for label, d in zip(LABELS, decisions)},
             "calibrated": m["calibration"] is not None,
-            "gradcam_finding": LABELS[top], "gradcam_label": "pixels at or above half the Grad-CAM maximum",
+            "gradcam_finding": LABELS[top],
+            "gradcam_label": "pixels at or above half the Grad-CAM maximum",
         }
         return label_path, result
 
@@ -106,10 +119,18 @@ class MedFusionNetApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.bundle_path = os.path.abspath(conf.get("bundle_path", os.path.join(app_dir, "bundle")))
         if not os.path.isdir(os.path.join(self.bundle_path, "medfusionnet")):
-            raise ValueError(f"bundle_path {self.bundle_path} is not a packaged MedFusionNet bundle "
-                             "(run scripts/package_bundle.py and pass --conf bundle_path <its folder>)")
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="MedFusionNet",
-                         description="Chest X-ray findings with decision support", version="0.4.0")
+            raise ValueError(
+                f"bundle_path {self.bundle_path} is not a packaged MedFusionNet bundle "
+                "(run scripts/package_bundle.py and pass --conf bundle_path <its folder>)"
+            )
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="MedFusionNet",
+            description="Chest X-ray findings with decision support",
+            version="0.4.0",
+        )
 
     def init_infers(self):
         """The one infer task."""

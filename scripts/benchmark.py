@@ -110,7 +110,8 @@ def run(args) -> dict:
         spec, net = row["network"], row["base"]
         train_img_s = args.batch_size / row["train_s"]
         res = {
-            "network": spec, "variant": row["variant"],
+            "network": spec,
+            "variant": row["variant"],
             "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
             "gmacs": gmacs_per_image(net, args.image_size),
             "train_img_s": train_img_s,
@@ -120,8 +121,7 @@ def run(args) -> dict:
         }
         res["matmul_fraction"] = res["train_tflop_s"] * 1e12 / peaks[row["var"].dtype or torch.float32]
         if args.memory:
-            res["peak_memory_mib"] = peak_training_memory_mib(net, row["var"], args.image_size, args.batch_size,
-                                                              device)
+            res["peak_memory_mib"] = peak_training_memory_mib(net, row["var"], args.image_size, args.batch_size, device)
         results.append(res)
     reference = args.networks[-1]
     for res in results:
@@ -135,9 +135,14 @@ def run(args) -> dict:
         if args.memory and first.get("peak_memory_mib") and res.get("peak_memory_mib") is not None:
             res["memory_ratio_to_first_variant"] = res["peak_memory_mib"] / first["peak_memory_mib"]
     report = {
-        "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "image_size": args.image_size, "batch_size": args.batch_size,
-        "rounds": args.rounds, "reference": reference,
+        "device": str(device),
+        "device_name": _device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "reference": reference,
         "matmul_peak_tflop_s": {str(k).replace("torch.", ""): v / 1e12 for k, v in peaks.items()},
         "results": results,
     }
@@ -159,47 +164,65 @@ def _device_name(device: torch.device) -> str:
 
 def print_report(report: dict) -> None:
     """The results as a fixed-width table."""
-    print(f"{report['device']} ({report['device_name']}), torch {report['torch']}, {report['threads']} threads, "
-          f"image {report['image_size']} px, batch {report['batch_size']}, {report['rounds']} rounds; "
-          f"matmul peak TFLOP/s {', '.join(f'{k} {v:.3f}' for k, v in report['matmul_peak_tflop_s'].items())}; "
-          f"x ref: ratio to {report['reference']} in the same variant; x var: ratio to the network's first variant")
-    header = (f"{'network':<20}{'variant':<22}{'params M':>9}{'GMACs':>8}{'train img/s':>12}{'x ref':>7}{'x var':>7}"
-              f"{'infer ms/b':>11}{'infer img/s':>12}{'x ref':>7}{'peak MiB':>10}{'x var':>7}{'TFLOP/s':>9}"
-              f"{'of peak':>8}")
+    print(
+        f"{report['device']} ({report['device_name']}), torch {report['torch']}, {report['threads']} threads, "
+        f"image {report['image_size']} px, batch {report['batch_size']}, {report['rounds']} rounds; "
+        f"matmul peak TFLOP/s {', '.join(f'{k} {v:.3f}' for k, v in report['matmul_peak_tflop_s'].items())}; "
+        f"x ref: ratio to {report['reference']} in the same variant; x var: ratio to the network's first variant"
+    )
+    header = (
+        f"{'network':<20}{'variant':<22}{'params M':>9}{'GMACs':>8}{'train img/s':>12}{'x ref':>7}{'x var':>7}"
+        f"{'infer ms/b':>11}{'infer img/s':>12}{'x ref':>7}{'peak MiB':>10}{'x var':>7}{'TFLOP/s':>9}"
+        f"{'of peak':>8}"
+    )
     print(header)
     for res in report["results"]:
         mem = res.get("peak_memory_mib")
-        print(f"{res['network']:<20}{res['variant']:<22}{res['params_m']:>9.2f}{res['gmacs']:>8.3f}"
-              f"{res['train_img_s']:>12.2f}{res.get('train_ratio_to_reference', float('nan')):>7.2f}"
-              f"{res['train_ratio_to_first_variant']:>7.2f}{res['infer_ms_per_batch']:>11.1f}"
-              f"{res['infer_img_s']:>12.2f}{res.get('infer_ratio_to_reference', float('nan')):>7.2f}"
-              f"{mem if mem is not None else float('nan'):>10.0f}"
-              f"{res.get('memory_ratio_to_first_variant', float('nan')):>7.2f}"
-              f"{res['train_tflop_s']:>9.4f}{res['matmul_fraction']:>8.1%}")
+        print(
+            f"{res['network']:<20}{res['variant']:<22}{res['params_m']:>9.2f}{res['gmacs']:>8.3f}"
+            f"{res['train_img_s']:>12.2f}{res.get('train_ratio_to_reference', float('nan')):>7.2f}"
+            f"{res['train_ratio_to_first_variant']:>7.2f}{res['infer_ms_per_batch']:>11.1f}"
+            f"{res['infer_img_s']:>12.2f}{res.get('infer_ratio_to_reference', float('nan')):>7.2f}"
+            f"{mem if mem is not None else float('nan'):>10.0f}"
+            f"{res.get('memory_ratio_to_first_variant', float('nan')):>7.2f}"
+            f"{res['train_tflop_s']:>9.4f}{res['matmul_fraction']:>8.1%}"
+        )
     for res in report["results"]:
         if "train_ratio_to_reference" in res and res["network"] != report["reference"]:
-            print(f"{res['network']} ({res['variant']}) against {report['reference']}: training "
-                  f"{res['train_ratio_to_reference']:.2f}x its images/s, inference latency "
-                  f"{1 / res['infer_ratio_to_reference']:.2f}x, GMACs {res['gmacs_ratio_to_reference']:.2f}x")
+            print(
+                f"{res['network']} ({res['variant']}) against {report['reference']}: training "
+                f"{res['train_ratio_to_reference']:.2f}x its images/s, inference latency "
+                f"{1 / res['infer_ratio_to_reference']:.2f}x, GMACs {res['gmacs_ratio_to_reference']:.2f}x"
+            )
     data = report.get("data_pipeline")
     if data:
-        print(f"data pipeline, {data['images']} images, {data['workers']} workers: decoding "
-              f"{data['decode_img_s']:.1f} img/s; disk cache fill {data['cache_fill_img_s']:.1f} img/s, "
-              f"read {data['cache_read_img_s']:.1f} img/s")
+        print(
+            f"data pipeline, {data['images']} images, {data['workers']} workers: decoding "
+            f"{data['decode_img_s']:.1f} img/s; disk cache fill {data['cache_fill_img_s']:.1f} img/s, "
+            f"read {data['cache_read_img_s']:.1f} img/s"
+        )
 
 
 def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", nargs="+", default=["medfusionnet:base", "medfusionnet:tiny", "densenet121"])
-    parser.add_argument("--variants", nargs="+", default=["fp32"],
-                        help="'+'-joined options: fp32, bf16, fp16, channels_last, checkpoint, compile")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["fp32"],
+        help="'+'-joined options: fp32, bf16, fp16, channels_last, checkpoint, compile",
+    )
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds per row, after one warm-up")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--matmul_size", type=int, default=None,
-                        help="side of the matrices of the peak measurement (default 2048 on CPU, 8192 on CUDA)")
+    parser.add_argument(
+        "--matmul_size",
+        type=int,
+        default=None,
+        help="side of the matrices of the peak measurement (default 2048 on CPU, 8192 on CUDA)",
+    )
     parser.add_argument("--no_memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--data_dir", help="a folder of images for the data-pipeline measurement")
     parser.add_argument("--data_limit", type=int, default=64, help="images of --data_dir to use")

@@ -34,21 +34,21 @@ SETTINGS = {False: "(a) risk factors only", True: "(b) with screening results"}
 
 
 def load_data(csv, nih=False, outcomes=None, features=None):
-    """``(X, Y, ids, groups)`` from a cervical-style CSV or, with ``nih``, an NIH Data_Entry CSV (``groups``: the
+    """``(x, Y, ids, groups)`` from a cervical-style CSV or, with ``nih``, an NIH Data_Entry CSV (``groups``: the
     patient ids that keep a patient's images in one CV fold; None for one row per patient)."""
     if nih:
         frame = read_nih_csv(csv)
-        X, Y = risk.nih_tables(frame)
-        X = X[features] if features else X
-        Y = Y[outcomes] if outcomes else Y
-        return X, Y, frame["name"].rename("name"), frame["patient_id"].to_numpy()
+        x, y_table = risk.nih_tables(frame)
+        x = x[features] if features else x
+        y_table = y_table[outcomes] if outcomes else y_table
+        return x, y_table, frame["name"].rename("name"), frame["patient_id"].to_numpy()
     if not outcomes:
         header = pd.read_csv(csv, nrows=0).columns.str.strip()
         outcomes = [c for c in risk.CERVICAL_OUTCOMES if c in header]
         if not outcomes:
             raise ValueError(f"{csv}: none of the default outcomes {list(risk.CERVICAL_OUTCOMES)}; pass --outcomes")
-    X, Y = risk.read_risk_csv(csv, outcomes, features)
-    return X, Y, pd.Series(range(2, len(X) + 2), name="csv_line"), None
+    x, y_table = risk.read_risk_csv(csv, outcomes, features)
+    return x, y_table, pd.Series(range(2, len(x) + 2), name="csv_line"), None
 
 
 def fmt(summary: pd.DataFrame, outcome: str, model: str, metric: str) -> str:
@@ -60,45 +60,71 @@ def fmt(summary: pd.DataFrame, outcome: str, model: str, metric: str) -> str:
 def level_lines(title: str, table: pd.DataFrame) -> list[str]:
     """A Markdown table of patients, positives and positive rate per risk level."""
     lines = ["", title, "", "| level | n | positives | rate |", "|---|---|---|---|"]
-    return lines + [f"| {r.level} | {r.n} | {r.positives} | {'' if pd.isna(r.rate) else f'{r.rate:.3f}'} |"
-                    for r in table.itertuples()]
+    return lines + [
+        f"| {r.level} | {r.n} | {r.positives} | {'' if pd.isna(r.rate) else f'{r.rate:.3f}'} |"
+        for r in table.itertuples()
+    ]
 
 
 def write_report(path, args, models, trees, results, level_tables, bins, n_rows, grouped=False):
     """report.md: data, thresholds and the readable tree's rules, CV metrics per setting, positive rate per level."""
     saved = f"two_stage_{args.stage2}"
-    lines = [f"# Two-stage risk model: {os.path.basename(args.csv)}", "",
-             f"{n_rows} rows; {args.repeats} x repeated stratified 5-fold CV (seed {args.seed}"
-             + ("; grouped by patient" if grouped else "") + "); every step refitted "
-             "inside each fold. Thresholded metrics call a row positive when its probability >= the training "
-             f"prevalence. The saved model is `{saved}` ({SETTINGS[args.with_screening]}).", ""]
+    lines = [
+        f"# Two-stage risk model: {os.path.basename(args.csv)}",
+        "",
+        f"{n_rows} rows; {args.repeats} x repeated stratified 5-fold CV (seed {args.seed}"
+        + ("; grouped by patient" if grouped else "")
+        + "); every step refitted "
+        "inside each fold. Thresholded metrics call a row positive when its probability >= the training "
+        f"prevalence. The saved model is `{saved}` ({SETTINGS[args.with_screening]}).",
+        "",
+    ]
     for outcome, model in models.items():
-        lines += [f"## {outcome}", "", f"Prevalence {model.prevalence_:.3f}; cut points low < "
-                  f"{model.cut_points_['low']:.3f} <= medium < {model.cut_points_['high']:.3f} <= high.", "",
-                  "Dropped columns: " + (", ".join(f"{c} ({r})" for c, r in model.preprocessor_.dropped_.items())
-                                         or "none"), "",
-                  f"Stage 1 kept {len(model.selected_features_)} feature(s) (top_n {model.top_n_}"
-                  + (f", chosen by inner CV AUC {model.top_n_scores_}" if model.top_n_scores_ else "") + ").", "",
-                  "| rank | stage-1 rule | score |", "|---|---|---|"]
+        lines += [
+            f"## {outcome}",
+            "",
+            f"Prevalence {model.prevalence_:.3f}; cut points low < "
+            f"{model.cut_points_['low']:.3f} <= medium < {model.cut_points_['high']:.3f} <= high.",
+            "",
+            "Dropped columns: " + (", ".join(f"{c} ({r})" for c, r in model.preprocessor_.dropped_.items()) or "none"),
+            "",
+            f"Stage 1 kept {len(model.selected_features_)} feature(s) (top_n {model.top_n_}"
+            + (f", chosen by inner CV AUC {model.top_n_scores_}" if model.top_n_scores_ else "")
+            + ").",
+            "",
+            "| rank | stage-1 rule | score |",
+            "|---|---|---|",
+        ]
         for rank, r in enumerate(model.stage1_[: len(model.selected_features_)], 1):
             rule = risk.describe_rule(r["feature"], r["direction"], r["threshold"], bins)
             lines.append(f"| {rank} | {rule} | {r['score']:.3f} ({model.stage1_score}) |")
         tree = trees[outcome]
-        lines += ["", "Readable stage-2 tree (`two_stage_tree` on all rows; training data):", "",
-                  "| rule | n | positive rate | level |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Readable stage-2 tree (`two_stage_tree` on all rows; training data):",
+            "",
+            "| rule | n | positive rate | level |",
+            "|---|---|---|---|",
+        ]
         for leaf, conditions in risk.iter_leaves(tree.nodes_):
             rule = " and ".join(risk.describe_rule(f, op, t, bins) for f, op, t in conditions) or "all patients"
             lines.append(f"| {rule} | {leaf['n']} | {leaf['rate']:.3f} | {leaf['level']} |")
         for with_screening, result in results.items():
-            lines += level_lines(f"Positive rate per risk level of `{saved}`, out of fold (first CV repeat), "
-                                 f"{SETTINGS[with_screening]}:", result["levels"][outcome][saved])
+            lines += level_lines(
+                f"Positive rate per risk level of `{saved}`, out of fold (first CV repeat), "
+                f"{SETTINGS[with_screening]}:",
+                result["levels"][outcome][saved],
+            )
         lines += level_lines(f"Positive rate per risk level of `{saved}` on its training data:", level_tables[outcome])
         lines.append("")
     for with_screening, result in results.items():
         summary = risk.summarize_scores(result["scores"])
-        lines += [f"## Cross-validation {SETTINGS[with_screening]}", "",
-                  "| outcome | model | " + " | ".join(risk.CV_METRICS) + " |",
-                  "|---|---|" + "---|" * len(risk.CV_METRICS)]
+        lines += [
+            f"## Cross-validation {SETTINGS[with_screening]}",
+            "",
+            "| outcome | model | " + " | ".join(risk.CV_METRICS) + " |",
+            "|---|---|" + "---|" * len(risk.CV_METRICS),
+        ]
         for outcome, model in summary[["outcome", "model"]].itertuples(index=False):
             cells = " | ".join(fmt(summary, outcome, model, m) for m in risk.CV_METRICS)
             lines.append(f"| {outcome} | {model} | {cells} |")
@@ -126,8 +152,16 @@ def plot_trees(models, output_dir):
             ax.text(0.5, 0.5, f"{outcome}: no feature splits the outcome", ha="center")
             ax.axis("off")
         else:
-            plot_tree(model.tree_, feature_names=model.selected_features_, class_names=["neg", "pos"], filled=True,
-                      impurity=False, proportion=True, ax=ax, fontsize=7)
+            plot_tree(
+                model.tree_,
+                feature_names=model.selected_features_,
+                class_names=["neg", "pos"],
+                filled=True,
+                impurity=False,
+                proportion=True,
+                ax=ax,
+                fontsize=7,
+            )
         ax.set_title(f"{outcome}: stage-2 tree (class-balanced)")
         fig.savefig(os.path.join(output_dir, f"tree_{outcome.replace('/', '_')}.png"), dpi=100)
         plt.close(fig)
@@ -137,8 +171,9 @@ def plot_roc(results, output_dir):
     """Out-of-fold ROC curves of the first CV repeat: one row per setting, one panel per outcome."""
     outcomes = list(next(iter(results.values()))["roc"])
     plt = _pyplot()
-    fig, axes = plt.subplots(len(results), len(outcomes), figsize=(3.2 * len(outcomes), 3.2 * len(results)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(results), len(outcomes), figsize=(3.2 * len(outcomes), 3.2 * len(results)), squeeze=False
+    )
     for row, (with_screening, result) in enumerate(results.items()):
         for col, outcome in enumerate(outcomes):
             ax = axes[row, col]
@@ -177,7 +212,7 @@ def main(argv=None) -> int:
     kinds = {"tree": {"random_state": args.seed}, "forest": {**risk.FOREST_PARAMS, "random_state": args.seed}}
     kinds[args.stage2].update(config.get("params") or {})
     outcomes = args.outcomes or (list(LABELS) if args.nih else None)
-    X, Y, ids, groups = load_data(args.csv, args.nih, outcomes, args.features)
+    x, y_table, ids, groups = load_data(args.csv, args.nih, outcomes, args.features)
     os.makedirs(args.output_dir, exist_ok=True)
 
     candidates = {f"two_stage_{kind}": risk.TwoStageRiskModel(**params) for kind, params in kinds.items()}
@@ -186,28 +221,41 @@ def main(argv=None) -> int:
     # The folds refit the preprocessing hundreds of times; its "dropping column" lines are kept for the final fit.
     risk.logger.setLevel(logging.WARNING)
     for with_screening in sorted({False, args.with_screening}):
-        results[with_screening] = risk.cross_validate(X, Y, candidates, with_screening=with_screening,
-                                                      repeats=args.repeats, seed=args.seed, groups=groups)
+        results[with_screening] = risk.cross_validate(
+            x, y_table, candidates, with_screening=with_screening, repeats=args.repeats, seed=args.seed, groups=groups
+        )
     risk.logger.setLevel(logging.NOTSET)
 
     models, trees, level_tables, patients = {}, {}, {}, pd.DataFrame({ids.name: ids.to_numpy()})
-    for outcome in Y.columns:
-        features = risk.outcome_features(X, Y, outcome, args.with_screening)
-        models[outcome] = risk.TwoStageRiskModel(**kinds[args.stage2]).fit(features, Y[outcome])
-        trees[outcome] = (models[outcome] if args.stage2 == "tree"
-                          else risk.TwoStageRiskModel(**kinds["tree"]).fit(features, Y[outcome]))
-        level_tables[outcome] = risk.level_rates(models[outcome], features, Y[outcome])
+    for outcome in y_table.columns:
+        features = risk.outcome_features(x, y_table, outcome, args.with_screening)
+        models[outcome] = risk.TwoStageRiskModel(**kinds[args.stage2]).fit(features, y_table[outcome])
+        trees[outcome] = (
+            models[outcome]
+            if args.stage2 == "tree"
+            else risk.TwoStageRiskModel(**kinds["tree"]).fit(features, y_table[outcome])
+        )
+        level_tables[outcome] = risk.level_rates(models[outcome], features, y_table[outcome])
         patients[f"{outcome}_level"] = models[outcome].predict_risk(features)
         patients[f"{outcome}_probability"] = models[outcome].predict_proba(features)[:, 1]
     risk.save_models(os.path.join(args.output_dir, "model.json"), models, args.with_screening, bins)
     patients.to_csv(os.path.join(args.output_dir, "patients.csv"), index=False)
-    write_report(os.path.join(args.output_dir, "report.md"), args, models, trees, results, level_tables, bins,
-                 len(X), grouped=groups is not None)
+    write_report(
+        os.path.join(args.output_dir, "report.md"),
+        args,
+        models,
+        trees,
+        results,
+        level_tables,
+        bins,
+        len(x),
+        grouped=groups is not None,
+    )
     plot_trees(trees, args.output_dir)
     plot_roc(results, args.output_dir)
     if args.export_tabular:
         # The stage-1 selection of the readable model (top_n by inner CV), raw values with gaps left empty.
-        everything = pd.concat([X, Y.astype(float)], axis=1)
+        everything = pd.concat([x, y_table.astype(float)], axis=1)
         for tree in trees.values():
             for name, columns in tree.preprocessor_.indicators_.items():
                 everything[name] = everything[columns[0]].isna().astype(float)

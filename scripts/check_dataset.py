@@ -67,8 +67,10 @@ def main(argv=None) -> int:
         print(f"{key:<20}" + "".join(f"{splits[s][key]:>10}" for s in splits))
     for label in LABELS:
         print(f"{label:<20}" + "".join(f"{splits[s]['positives'][label]:>10}" for s in splits))
-    print(f"missing files: {len(summary['missing'])}; unreadable files: {len(summary['unreadable'])}"
-          + ("" if args.decode else " (not checked; use --decode)"))
+    print(
+        f"missing files: {len(summary['missing'])}; unreadable files: {len(summary['unreadable'])}"
+        + ("" if args.decode else " (not checked; use --decode)")
+    )
     for line in summary["unreadable"][:20]:
         print(f"  unreadable: {line}")
     if args.output:

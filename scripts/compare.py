@@ -66,8 +66,16 @@ MODELS: dict[str, list[str]] = {
     "warmup": ["--warmup_epochs", "2"],
     "fusion_lr_x3": ["--fusion_lr_scale", "3.0"],
     "medfusionnet_plain": ["--loss_name", "bce", "--sampling", "natural", "--curriculum_epochs", "0"],
-    "densenet121_plain": ["--network_name", "densenet121", "--loss_name", "bce", "--sampling", "natural",
-                          "--curriculum_epochs", "0"],
+    "densenet121_plain": [
+        "--network_name",
+        "densenet121",
+        "--loss_name",
+        "bce",
+        "--sampling",
+        "natural",
+        "--curriculum_epochs",
+        "0",
+    ],
 }
 # ensembles: their members' runs (same seed) are trained first, then combined and evaluated
 ENSEMBLES: dict[str, tuple[str, ...]] = {"ensemble": ("densenet121", "efficientnet_b0", "inception_v3")}
@@ -77,12 +85,14 @@ METRICS = ("auc", "f1", "gmean", "accuracy")
 def _bundle(args: list[str], log_path: Path) -> None:
     """Run ``python -m monai.bundle <args>`` from the bundle root, its output in ``log_path``; raise on failure."""
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=BUNDLE_ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", *args], cwd=BUNDLE_ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
     if proc.returncode:
         tail = log_path.read_text()[-3000:]
-        raise RuntimeError(f"'monai.bundle {' '.join(args[:2])}' failed (exit {proc.returncode}); see "
-                           f"{log_path}:\n{tail}")
+        raise RuntimeError(
+            f"'monai.bundle {' '.join(args[:2])}' failed (exit {proc.returncode}); see " f"{log_path}:\n{tail}"
+        )
 
 
 def run_one(model: str, seed: int, run_dir: Path, shared: list[str]) -> dict:
@@ -105,8 +115,10 @@ def run_one(model: str, seed: int, run_dir: Path, shared: list[str]) -> dict:
         logger.info("%s seed %d: combining %s", model, seed, ", ".join(ENSEMBLES[model]))
         build_ensemble(run_dir, [run_dir.parents[1] / m / f"seed{seed}" for m in ENSEMBLES[model]])
         # decision thresholds chosen on validation, as training does for the other models
-        _bundle([*evaluate, "--eval_split", "val", "--eval_dir", str(run_dir / "val"), "--val_thresholds", "$None"],
-                run_dir / "validate.log")
+        _bundle(
+            [*evaluate, "--eval_split", "val", "--eval_dir", str(run_dir / "val"), "--val_thresholds", "$None"],
+            run_dir / "validate.log",
+        )
         os.replace(run_dir / "val" / "thresholds.json", run_dir / "thresholds.json")
         train_s = sum(m["train_seconds"] for m in members)
     else:
@@ -120,8 +132,11 @@ def run_one(model: str, seed: int, run_dir: Path, shared: list[str]) -> dict:
     network_args = json.loads((run_dir / "run_settings.json").read_text())["network_args"]
     net = medfusionnet.create_network(**network_args)
     info = {
-        "model": model, "seed": seed, "train_seconds": train_s,
-        "params_m": sum(p.numel() for p in net.parameters()) / 1e6, "num_test_images": report["num_images"],
+        "model": model,
+        "seed": seed,
+        "train_seconds": train_s,
+        "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+        "num_test_images": report["num_images"],
         **{m: report["mean"][m] for m in METRICS},
         "per_class_auc": {k: v["auc"] for k, v in report["per_class"].items()},
     }
@@ -166,8 +181,11 @@ def build_ensemble(run_dir: Path, member_dirs: list[Path]) -> None:
         raise ValueError(f"the ensemble members' tabular encoders differ ({member_dirs}): not the same training split")
     first = settings[0]["network_args"]
     network_args = {
-        **{k: first[k] for k in ("num_classes", "in_channels", "num_tabular_features", "use_tabular", "image_size")
-           if k in first},
+        **{
+            k: first[k]
+            for k in ("num_classes", "in_channels", "num_tabular_features", "use_tabular", "image_size")
+            if k in first
+        },
         "name": "ensemble",
         "members": [s["network_args"]["name"] for s in settings],
         "member_args": [{k: v for k, v in s["network_args"].items() if k != "name"} for s in settings],
@@ -212,9 +230,16 @@ def paired_by_seed(results: pd.DataFrame, models: list[str]) -> list[dict]:
     out = []
     for m in models[1:]:
         diff = (wide[m] - wide[models[0]]).dropna().to_numpy()
-        out.append({"model": m, "seeds": len(diff), "mean": float(diff.mean()) if len(diff) else float("nan"),
-                    "sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0, "ahead": int((diff > 0).sum()),
-                    "p": _signed_rank_p(diff)})
+        out.append(
+            {
+                "model": m,
+                "seeds": len(diff),
+                "mean": float(diff.mean()) if len(diff) else float("nan"),
+                "sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
+                "ahead": int((diff > 0).sum()),
+                "p": _signed_rank_p(diff),
+            }
+        )
     return out
 
 
@@ -223,14 +248,20 @@ def best_against_last(results: pd.DataFrame) -> dict:
     runs = results.dropna(subset=["auc_last"])
     diff = (runs["auc_last"] - runs["auc"]).to_numpy()
     per_model = runs.groupby("model")[["auc", "auc_last"]].mean()
-    return {"runs": len(runs), "best": float(runs["auc"].mean()), "last": float(runs["auc_last"].mean()),
-            "mean": float(diff.mean()), "sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
-            "p": _signed_rank_p(diff),
-            "per_model": {m: [float(r["auc"]), float(r["auc_last"])] for m, r in per_model.iterrows()}}
+    return {
+        "runs": len(runs),
+        "best": float(runs["auc"].mean()),
+        "last": float(runs["auc_last"].mean()),
+        "mean": float(diff.mean()),
+        "sd": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
+        "p": _signed_rank_p(diff),
+        "per_model": {m: [float(r["auc"]), float(r["auc_last"])] for m, r in per_model.iterrows()},
+    }
 
 
-def write_report(output_dir: Path, results: pd.DataFrame, per_class: pd.DataFrame, stats: dict,
-                 models: list[str]) -> None:
+def write_report(
+    output_dir: Path, results: pd.DataFrame, per_class: pd.DataFrame, stats: dict, models: list[str]
+) -> None:
     """``results.csv``, ``per_class_auc.csv``, ``stats.json``, ``summary.md`` and the two figures."""
     import matplotlib
 
@@ -244,44 +275,72 @@ def write_report(output_dir: Path, results: pd.DataFrame, per_class: pd.DataFram
     grouped = results.groupby("model")[columns]
     mean, std = grouped.mean().reindex(models), grouped.std(ddof=0).reindex(models)
     seeds = results.groupby("model")["seed"].count().reindex(models)
-    lines = ["| model | seeds | mean AUC | macro F1 | macro G-mean | accuracy | train s | params M | mean rank |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | seeds | mean AUC | macro F1 | macro G-mean | accuracy | train s | params M | mean rank |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     ranks = stats.get("friedman", {}).get("mean_ranks", {})
     for m in models:
         cells = [f"{mean.loc[m, c]:.4f} ± {std.loc[m, c]:.4f}" for c in METRICS]
         rank = f"{ranks[m]:.2f}" if m in ranks else ""
-        lines.append(f"| {m} | {seeds[m]} | {' | '.join(cells)} | {mean.loc[m, 'train_seconds']:.0f} | "
-                     f"{mean.loc[m, 'params_m']:.2f} | {rank} |")
+        lines.append(
+            f"| {m} | {seeds[m]} | {' | '.join(cells)} | {mean.loc[m, 'train_seconds']:.0f} | "
+            f"{mean.loc[m, 'params_m']:.2f} | {rank} |"
+        )
     if "friedman" in stats:
         f, n = stats["friedman"], stats["nemenyi"]
-        lines += ["", f"Friedman test over {f['blocks']} blocks ({stats['blocks']}): chi2 = {f['statistic']:.3f}, "
-                      f"p = {f['p_value']:.3g}. Nemenyi critical difference of mean ranks at alpha "
-                      f"{n['alpha']}: {n['critical_difference']:.3f}.", "",
-                  "| pair | rank difference | Nemenyi | Wilcoxon p (Holm) |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Friedman test over {f['blocks']} blocks ({stats['blocks']}): chi2 = {f['statistic']:.3f}, "
+            f"p = {f['p_value']:.3g}. Nemenyi critical difference of mean ranks at alpha "
+            f"{n['alpha']}: {n['critical_difference']:.3f}.",
+            "",
+            "| pair | rank difference | Nemenyi | Wilcoxon p (Holm) |",
+            "|---|---|---|---|",
+        ]
         wilcoxon = {(p["a"], p["b"]): p for p in stats["wilcoxon_holm"]}
         for p in n["pairs"]:
             w = wilcoxon[p["a"], p["b"]]
-            lines.append(f"| {p['a']} vs {p['b']} | {p['rank_difference']:.3f} | "
-                         f"{'differ' if p['significant'] else 'n.s.'} | {w['p_holm']:.3g}"
-                         f"{' *' if w['significant'] else ''} |")
+            lines.append(
+                f"| {p['a']} vs {p['b']} | {p['rank_difference']:.3f} | "
+                f"{'differ' if p['significant'] else 'n.s.'} | {w['p_holm']:.3g}"
+                f"{' *' if w['significant'] else ''} |"
+            )
     elif "wilcoxon_holm" in stats:
-        lines += ["", f"Wilcoxon signed-rank test over {stats['blocks']}:", "",
-                  "| pair | Wilcoxon p (Holm) |", "|---|---|"]
-        lines += [f"| {w['a']} vs {w['b']} | {w['p_holm']:.3g}{' *' if w['significant'] else ''} |"
-                  for w in stats["wilcoxon_holm"]]
+        lines += [
+            "",
+            f"Wilcoxon signed-rank test over {stats['blocks']}:",
+            "",
+            "| pair | Wilcoxon p (Holm) |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {w['a']} vs {w['b']} | {w['p_holm']:.3g}{' *' if w['significant'] else ''} |"
+            for w in stats["wilcoxon_holm"]
+        ]
     if stats.get("paired_mean_auc"):
-        lines += ["", f"Mean test AUC against {models[0]}, paired by seed:", "",
-                  "| model | seeds | difference (mean ± sd) | seeds ahead | Wilcoxon p (seeds) |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Mean test AUC against {models[0]}, paired by seed:",
+            "",
+            "| model | seeds | difference (mean ± sd) | seeds ahead | Wilcoxon p (seeds) |",
+            "|---|---|---|---|---|",
+        ]
         for d in stats["paired_mean_auc"]:
-            lines.append(f"| {d['model']} | {d['seeds']} | {d['mean']:+.4f} ± {d['sd']:.4f} | {d['ahead']} | "
-                         f"{d['p']:.3g} |")
+            lines.append(
+                f"| {d['model']} | {d['seeds']} | {d['mean']:+.4f} ± {d['sd']:.4f} | {d['ahead']} | " f"{d['p']:.3g} |"
+            )
     if stats.get("best_vs_last"):
         b = stats["best_vs_last"]
-        lines += ["", f"Model selection: the best-validation epoch against the last epoch, test mean AUC over "
-                      f"{b['runs']} runs: best {b['best']:.4f}, last {b['last']:.4f}, last - best {b['mean']:+.4f} "
-                      f"± {b['sd']:.4f} (Wilcoxon p = {b['p']:.3g}).", "",
-                  "| model | best epoch | last epoch |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Model selection: the best-validation epoch against the last epoch, test mean AUC over "
+            f"{b['runs']} runs: best {b['best']:.4f}, last {b['last']:.4f}, last - best {b['mean']:+.4f} "
+            f"± {b['sd']:.4f} (Wilcoxon p = {b['p']:.3g}).",
+            "",
+            "| model | best epoch | last epoch |",
+            "|---|---|---|",
+        ]
         for m, (best, last) in b["per_model"].items():
             lines.append(f"| {m} | {best:.4f} | {last:.4f} |")
     (output_dir / "summary.md").write_text("\n".join(lines) + "\n")
@@ -316,10 +375,17 @@ def write_report(output_dir: Path, results: pd.DataFrame, per_class: pd.DataFram
 
 def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     epilog="Arguments not listed here are passed to every training and evaluation.")
-    parser.add_argument("--models", nargs="+", default=["medfusionnet", "densenet121", "cnn_only", "no_interaction"],
-                        help=f"any of {', '.join(MODELS)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        allow_abbrev=False,
+        epilog="Arguments not listed here are passed to every training and evaluation.",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["medfusionnet", "densenet121", "cnn_only", "no_interaction"],
+        help=f"any of {', '.join(MODELS)}",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the post-hoc tests")

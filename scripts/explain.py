@@ -38,11 +38,32 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    summary = explain_images(args.model_dir, args.inputs, args.output_dir, args.tabular_csv, args.findings,
-                             args.methods, args.cam_layers, args.boxes_csv, args.box_frame, args.map_threshold,
-                             args.random_maps, not args.no_sanity_check, args.device, args.seed)
-    keys = ("pointing_hit", "adapted_rand_error", "rand_precision", "rand_recall", "iou", "iobb", "false_splits",
-            "false_merges")
+    summary = explain_images(
+        args.model_dir,
+        args.inputs,
+        args.output_dir,
+        args.tabular_csv,
+        args.findings,
+        args.methods,
+        args.cam_layers,
+        args.boxes_csv,
+        args.box_frame,
+        args.map_threshold,
+        args.random_maps,
+        not args.no_sanity_check,
+        args.device,
+        args.seed,
+    )
+    keys = (
+        "pointing_hit",
+        "adapted_rand_error",
+        "rand_precision",
+        "rand_recall",
+        "iou",
+        "iobb",
+        "false_splits",
+        "false_merges",
+    )
     if "localisation" in summary:
         print(f"{'map':<22}{'n':>5}" + "".join(f"{k[:14]:>15}" for k in keys))
         for name, scores in summary["localisation"].items():

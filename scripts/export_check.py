@@ -43,8 +43,11 @@ def batches(encoder, image_size: int, inputs: str, tabular_csv: str | None, batc
     records = folder_records(inputs, tabular_csv)[:limit]
     dataset = XrayDataset(records, xray_transforms(encoder, image_size, with_label=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_unreadable)
-    return [(b[KEY_IMAGE].as_tensor() if hasattr(b[KEY_IMAGE], "as_tensor") else b[KEY_IMAGE], b[KEY_TABULAR])
-            for b in loader if len(b[KEY_IMAGE])]
+    return [
+        (b[KEY_IMAGE].as_tensor() if hasattr(b[KEY_IMAGE], "as_tensor") else b[KEY_IMAGE], b[KEY_TABULAR])
+        for b in loader
+        if len(b[KEY_IMAGE])
+    ]
 
 
 def main(argv=None) -> int:
@@ -90,16 +93,25 @@ def main(argv=None) -> int:
     speed = {}
     for name, runs in times.items():
         full = [t for t, n in runs if n == args.batch_size] or [t for t, _ in runs]
-        speed[name] = {"latency_ms_per_batch": 1000 * statistics.median(full),
-                       "images_per_s": sum(n for _, n in runs) / sum(t for t, _ in runs)}
+        speed[name] = {
+            "latency_ms_per_batch": 1000 * statistics.median(full),
+            "images_per_s": sum(n for _, n in runs) / sum(t for t, _ in runs),
+        }
     metadata = json.loads(extra["metadata.json"]) if extra["metadata.json"] else {}
-    result = {"model_ts": ts_path, "images": sum(len(i) for i, _ in data), "batch_size": args.batch_size,
-              "image_size": image_size, "max_abs_logit_difference": max_diff, "tolerance": args.tolerance,
-              "embedded": {name: bool(text) for name, text in extra.items()},
-              "metadata_version": metadata.get("version"), "speed": speed,
-              "torchscript_speedup": (speed["eager"]["latency_ms_per_batch"]
-                                      / speed["torchscript"]["latency_ms_per_batch"]),
-              "device": "cpu", "threads": torch.get_num_threads()}
+    result = {
+        "model_ts": ts_path,
+        "images": sum(len(i) for i, _ in data),
+        "batch_size": args.batch_size,
+        "image_size": image_size,
+        "max_abs_logit_difference": max_diff,
+        "tolerance": args.tolerance,
+        "embedded": {name: bool(text) for name, text in extra.items()},
+        "metadata_version": metadata.get("version"),
+        "speed": speed,
+        "torchscript_speedup": (speed["eager"]["latency_ms_per_batch"] / speed["torchscript"]["latency_ms_per_batch"]),
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+    }
     print(json.dumps(result, indent=2))
     if args.output:
         with open(args.output, "w") as f:

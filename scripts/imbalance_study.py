@@ -22,18 +22,35 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SETTINGS = {
-    "baseline": ["--loss_name", "bce", "--class_weight_power", "0", "--sampling", "natural",
-                 "--class_reweighting", "False"],
-    "toolkit": ["--loss_name", "focal", "--class_weight_power", "0.5", "--sampling", "balanced",
-                "--class_reweighting", "True"],
+    "baseline": [
+        "--loss_name",
+        "bce",
+        "--class_weight_power",
+        "0",
+        "--sampling",
+        "natural",
+        "--class_reweighting",
+        "False",
+    ],
+    "toolkit": [
+        "--loss_name",
+        "focal",
+        "--class_weight_power",
+        "0.5",
+        "--sampling",
+        "balanced",
+        "--class_reweighting",
+        "True",
+    ],
 }
 
 
 def run_bundle(args: list[str], log_path: str) -> None:
     """``python -m monai.bundle <args>`` from the repository root, output to ``log_path``; raises on failure."""
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=REPO, stdout=log,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "monai.bundle", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
     if proc.returncode:
         raise RuntimeError(f"monai.bundle {' '.join(args[:2])} failed; see {log_path}")
 
@@ -43,10 +60,34 @@ def train_and_evaluate(name: str, seed: int, common: list[str], out: str) -> dic
     report_path = os.path.join(out, "eval", "metrics.json")
     if not os.path.isfile(report_path):
         os.makedirs(out, exist_ok=True)
-        run_bundle(["run", "training", "--config_file", "configs/train.yaml", *common, *SETTINGS[name],
-                    "--seed", str(seed), "--output_dir", out], os.path.join(out, "train.log"))
-        run_bundle(["run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", *common,
-                    "--seed", str(seed), "--output_dir", out], os.path.join(out, "evaluate.log"))
+        run_bundle(
+            [
+                "run",
+                "training",
+                "--config_file",
+                "configs/train.yaml",
+                *common,
+                *SETTINGS[name],
+                "--seed",
+                str(seed),
+                "--output_dir",
+                out,
+            ],
+            os.path.join(out, "train.log"),
+        )
+        run_bundle(
+            [
+                "run",
+                "--config_file",
+                "['configs/train.yaml','configs/evaluate.yaml']",
+                *common,
+                "--seed",
+                str(seed),
+                "--output_dir",
+                out,
+            ],
+            os.path.join(out, "evaluate.log"),
+        )
     with open(report_path) as f:
         return json.load(f)
 
@@ -59,14 +100,24 @@ def summarize(reports: dict[str, list[dict]], rare: list[str]) -> dict:
             "mean AUC": [r["mean"]["auc"] for r in runs],
             "macro F1": [r["mean"]["f1"] for r in runs],
             "macro G-mean": [r["mean"]["gmean"] for r in runs],
-            "rare recall": [np.nanmean([np.nan if r["per_class"][c]["sensitivity"] is None
-                                        else r["per_class"][c]["sensitivity"] for c in rare]) for r in runs],
+            "rare recall": [
+                np.nanmean(
+                    [
+                        np.nan if r["per_class"][c]["sensitivity"] is None else r["per_class"][c]["sensitivity"]
+                        for c in rare
+                    ]
+                )
+                for r in runs
+            ],
         }
         for c in rare:
             figures[f"recall {c}"] = [r["per_class"][c]["sensitivity"] for r in runs]
         summary[name] = {
-            k: {"mean": float(np.nanmean(np.array(v, dtype=float))), "std": float(np.nanstd(np.array(v, dtype=float))),
-                "runs": v}
+            k: {
+                "mean": float(np.nanmean(np.array(v, dtype=float))),
+                "std": float(np.nanstd(np.array(v, dtype=float))),
+                "runs": v,
+            }
             for k, v in figures.items()
         }
     return summary
@@ -85,9 +136,18 @@ def main(argv=None) -> int:
     parser.add_argument("--network_size", default="base")
     parser.add_argument("--num_workers", type=int, default=2)
     args = parser.parse_args(argv)
-    common = ["--dataset_dir", os.path.abspath(args.dataset_dir), "--image_size", str(args.image_size),
-              "--max_epochs", str(args.max_epochs), "--network_size", args.network_size,
-              "--num_workers", str(args.num_workers)]
+    common = [
+        "--dataset_dir",
+        os.path.abspath(args.dataset_dir),
+        "--image_size",
+        str(args.image_size),
+        "--max_epochs",
+        str(args.max_epochs),
+        "--network_size",
+        args.network_size,
+        "--num_workers",
+        str(args.num_workers),
+    ]
     for flag in ("labels_csv", "images_dir"):
         if getattr(args, flag):
             common += [f"--{flag}", os.path.abspath(getattr(args, flag))]
@@ -107,8 +167,11 @@ def main(argv=None) -> int:
         cells = [f"{figures[k]['mean']:.3f} ± {figures[k]['std']:.3f}" for k in keys]
         print(f"| {name} | {' | '.join(cells)} |")
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
-        json.dump({"seeds": args.seeds, "rare_findings": rare, "settings": SETTINGS, "common": common,
-                   "summary": summary}, f, indent=2)
+        json.dump(
+            {"seeds": args.seeds, "rare_findings": rare, "settings": SETTINGS, "common": common, "summary": summary},
+            f,
+            indent=2,
+        )
     return 0
 
 

@@ -49,9 +49,12 @@ def tiny_run(out: str) -> str:
     torch.manual_seed(0)
     torch.save(create_network(**args).state_dict(), os.path.join(out, "model.pt"))
     save_run_settings(out, image_size=64, network_args=args)
-    TabularEncoder().fit([{"age": "40", "sex": "M", "view": "PA", "follow_up": "0"},
-                          {"age": "60", "sex": "F", "view": "AP", "follow_up": "2"}]).save(
-        os.path.join(out, "tabular_encoder.json"))
+    TabularEncoder().fit(
+        [
+            {"age": "40", "sex": "M", "view": "PA", "follow_up": "0"},
+            {"age": "60", "sex": "F", "view": "AP", "follow_up": "2"},
+        ]
+    ).save(os.path.join(out, "tabular_encoder.json"))
     return out
 
 
@@ -95,8 +98,23 @@ def main(argv=None) -> int:
     base = f"http://127.0.0.1:{args.port}"
     log = open(os.path.join(work, "server.log"), "w")
     start = time.perf_counter()
-    command = [python, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies, "--conf",
-               "bundle_path", bundle, "--host", "127.0.0.1", "--port", str(args.port)]
+    command = [
+        python,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        app,
+        "--studies",
+        studies,
+        "--conf",
+        "bundle_path",
+        bundle,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     failures, rounds = [], []
     try:
@@ -129,8 +147,13 @@ def main(argv=None) -> int:
         server.terminate()
         server.wait(timeout=60)
         log.close()
-    summary = {"images": len(names), "server_start_s": round(started, 1), "failures": failures,
-               "json_round_trip_s": [round(r, 3) for r in rounds], "work_dir": work}
+    summary = {
+        "images": len(names),
+        "server_start_s": round(started, 1),
+        "failures": failures,
+        "json_round_trip_s": [round(r, 3) for r in rounds],
+        "work_dir": work,
+    }
     print(json.dumps(summary, indent=2))
     return 1 if failures else 0
 

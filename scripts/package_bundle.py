@@ -29,10 +29,24 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Zoo bundles are named <anatomy/modality>_<task>
 NAME = "cxr14_medfusionnet_classification"
-CONFIGS = ("common.yaml", "train.yaml", "evaluate.yaml", "inference.yaml", "explain.yaml", "multi_gpu_train.yaml",
-           "logging.conf")
-RUN_FILES = ("model.pt", "run_settings.json", "tabular_encoder.json", "thresholds.json", "calibration.json",
-             "label_counts.json", "metrics.json")
+CONFIGS = (
+    "common.yaml",
+    "train.yaml",
+    "evaluate.yaml",
+    "inference.yaml",
+    "explain.yaml",
+    "multi_gpu_train.yaml",
+    "logging.conf",
+)
+RUN_FILES = (
+    "model.pt",
+    "run_settings.json",
+    "tabular_encoder.json",
+    "thresholds.json",
+    "calibration.json",
+    "label_counts.json",
+    "metrics.json",
+)
 REQUIRED_RUN_FILES = ("model.pt", "run_settings.json", "tabular_encoder.json")
 
 
@@ -66,12 +80,18 @@ def package(model_dir: str, output_dir: str, name: str = NAME, weights_url: str 
         if os.path.isfile(os.path.join(model_dir, run_file)):
             shutil.copy2(os.path.join(model_dir, run_file), os.path.join(root, "models", run_file))
     shutil.copytree(os.path.join(REPO, "docs"), os.path.join(root, "docs"))
-    shutil.copytree(os.path.join(REPO, "bundle", "medfusionnet"), os.path.join(root, "medfusionnet"),
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        os.path.join(REPO, "bundle", "medfusionnet"),
+        os.path.join(root, "medfusionnet"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     shutil.copy2(os.path.join(REPO, "LICENSE"), os.path.join(root, "LICENSE"))
     weights = os.path.join(root, "models", "model.pt")
-    large_files = {"large_files": [{"path": "models/model.pt", "url": weights_url, "hash_val": sha256(weights),
-                                    "hash_type": "sha256"}]}
+    large_files = {
+        "large_files": [
+            {"path": "models/model.pt", "url": weights_url, "hash_val": sha256(weights), "hash_type": "sha256"}
+        ]
+    }
     with open(os.path.join(root, "large_files.yml"), "w") as f:
         yaml.safe_dump(large_files, f, sort_keys=False)
     return shutil.make_archive(root, "zip", root_dir=output_dir, base_dir=name)
@@ -81,8 +101,11 @@ def requirements() -> list[str]:
     """``monai==<version>`` and metadata.json's required packages, as pip requirement strings."""
     with open(os.path.join(REPO, "metadata.json")) as f:
         metadata = json.load(f)
-    packages = {"monai": metadata["monai_version"], "torch": metadata["pytorch_version"],
-                **metadata.get("required_packages_version", {})}
+    packages = {
+        "monai": metadata["monai_version"],
+        "torch": metadata["pytorch_version"],
+        **metadata.get("required_packages_version", {}),
+    }
     return [f"{p}=={v}" for p, v in packages.items()]
 
 

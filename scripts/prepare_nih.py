@@ -33,8 +33,9 @@ def resized_png(data: bytes | str, size: int) -> Image.Image:
         image = image.convert("L")
         scale = size / max(image.size)
         if scale < 1:
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                 Image.Resampling.LANCZOS)
+            image = image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
+            )
         return image.copy()
 
 
@@ -78,8 +79,15 @@ def _convert_archive(archive: str, out_dir: str, size: int, wanted: set) -> list
     return results
 
 
-def prepare(source: str, data_entry: str, output_dir: str, size: int = 256, workers: int = 2,
-            train_val_list: str | None = None, test_list: str | None = None) -> dict:
+def prepare(
+    source: str,
+    data_entry: str,
+    output_dir: str,
+    size: int = 256,
+    workers: int = 2,
+    train_val_list: str | None = None,
+    test_list: str | None = None,
+) -> dict:
     """Convert the images listed in ``data_entry`` found under ``source``; returns the summary (also written to
     ``<output_dir>/prepare_summary.json``).
 
@@ -121,9 +129,15 @@ def prepare(source: str, data_entry: str, output_dir: str, size: int = 256, work
                         errors[name] = error
                 bar.update(1)
     present = {f for f in os.listdir(out_dir) if f in wanted}
-    summary = {"listed": len(wanted), "present": len(present), "skipped_existing": len(done_before),
-               "converted": len(present) - len(done_before), "missing": len(wanted - present),
-               "errors": errors, "size": size}
+    summary = {
+        "listed": len(wanted),
+        "present": len(present),
+        "skipped_existing": len(done_before),
+        "converted": len(present) - len(done_before),
+        "missing": len(wanted - present),
+        "errors": errors,
+        "size": size,
+    }
     with open(os.path.join(output_dir, "prepare_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -140,8 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--train_val_list")
     parser.add_argument("--test_list")
     args = parser.parse_args(argv)
-    summary = prepare(args.source, args.data_entry, args.output_dir, args.size, args.workers, args.train_val_list,
-                      args.test_list)
+    summary = prepare(
+        args.source, args.data_entry, args.output_dir, args.size, args.workers, args.train_val_list, args.test_list
+    )
     print(json.dumps({k: v for k, v in summary.items() if k != "errors"}, indent=2))
     for name, error in sorted(summary["errors"].items()):
         print(f"could not convert {name}: {error}")

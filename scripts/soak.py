@@ -98,8 +98,11 @@ def run_workflow(config_files: list[str], **overrides):
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(
-        config_file=[str(BUNDLE_ROOT / c) for c in config_files], meta_file=str(BUNDLE_ROOT / "configs/metadata.json"),
-        logging_file=str(BUNDLE_ROOT / "configs/logging.conf"), workflow_type=None, **overrides,
+        config_file=[str(BUNDLE_ROOT / c) for c in config_files],
+        meta_file=str(BUNDLE_ROOT / "configs/metadata.json"),
+        logging_file=str(BUNDLE_ROOT / "configs/logging.conf"),
+        workflow_type=None,
+        **overrides,
     )
     workflow.initialize()
     workflow.run()
@@ -113,19 +116,30 @@ def cycle(index: int, output_dir: Path, num_bad: int, seed: int) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     data, bad_listed, bad_extra = make_cycle_data(root / "data", seed + index, num_bad)
     run = root / "run"
-    shared = dict(dataset_dir=str(data), output_dir=str(run), network_size="tiny", image_size=64, num_workers=0,
-                  seed=seed + index, sampling="natural", batch_size=8)
+    shared = dict(
+        dataset_dir=str(data),
+        output_dir=str(run),
+        network_size="tiny",
+        image_size=64,
+        num_workers=0,
+        seed=seed + index,
+        sampling="natural",
+        batch_size=8,
+    )
     parser = run_workflow(["configs/train.yaml"], max_epochs=1, **shared)
     datasets = parser.get_parsed_content("datasets")
-    split_bad = {split: sum(r["name"] in bad_listed for r in getattr(datasets, split))
-                 for split in ("train", "val", "test")}
+    split_bad = {
+        split: sum(r["name"] in bad_listed for r in getattr(datasets, split)) for split in ("train", "val", "test")
+    }
     trainer, evaluator = parser.get_parsed_content("trainer"), parser.get_parsed_content("evaluator")
     # training drops the epoch's last, incomplete batch, so bad files drawn into it go unseen
     remainder = len(datasets.train) % shared["batch_size"]
     skipped = trainer.state.skipped_images
     checks = {
-        "train skips": (skipped, skipped if split_bad["train"] - remainder <= skipped <= split_bad["train"] else
-                        split_bad["train"]),
+        "train skips": (
+            skipped,
+            skipped if split_bad["train"] - remainder <= skipped <= split_bad["train"] else split_bad["train"],
+        ),
         "validation skips": (evaluator.state.skipped_images, split_bad["val"]),
     }
     del parser, trainer, evaluator, datasets
@@ -147,10 +161,18 @@ def cycle(index: int, output_dir: Path, num_bad: int, seed: int) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     gc.collect()
     failed = [name for name, (got, want) in checks.items() if got != want]
-    return {"cycle": index, "rss_mib": rss_mib(), "bad_listed": len(bad_listed), "bad_extra": len(bad_extra),
-            "split_bad": split_bad, "failed": failed,
-            "checks": {k: {"got": g if isinstance(g, int) else len(g), "want": w if isinstance(w, int) else len(w)}
-                       for k, (g, w) in checks.items()}}
+    return {
+        "cycle": index,
+        "rss_mib": rss_mib(),
+        "bad_listed": len(bad_listed),
+        "bad_extra": len(bad_extra),
+        "split_bad": split_bad,
+        "failed": failed,
+        "checks": {
+            k: {"got": g if isinstance(g, int) else len(g), "want": w if isinstance(w, int) else len(w)}
+            for k, (g, w) in checks.items()
+        },
+    }
 
 
 def main(argv=None) -> int:
@@ -160,8 +182,12 @@ def main(argv=None) -> int:
     parser.add_argument("--bad_files", type=int, default=6, help="bad files per cycle, both listed and extra")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_growth_mib", type=float, default=50.0,
-                        help="largest resident-memory growth from the second cycle to the last that passes")
+    parser.add_argument(
+        "--max_growth_mib",
+        type=float,
+        default=50.0,
+        help="largest resident-memory growth from the second cycle to the last that passes",
+    )
     args = parser.parse_args(argv)
     if args.cycles < 3:
         parser.error("--cycles must be 3 or more (memory growth is measured from the second cycle)")
@@ -172,16 +198,25 @@ def main(argv=None) -> int:
     for i in range(args.cycles):
         results.append(cycle(i, output_dir, args.bad_files, args.seed))
         r = results[-1]
-        print(f"cycle {i}: RSS {r['rss_mib']:.0f} MiB, {r['bad_listed']} listed + {r['bad_extra']} extra bad files, "
-              f"checks {'failed: ' + ', '.join(r['failed']) if r['failed'] else 'passed'}", flush=True)
+        print(
+            f"cycle {i}: RSS {r['rss_mib']:.0f} MiB, {r['bad_listed']} listed + {r['bad_extra']} extra bad files, "
+            f"checks {'failed: ' + ', '.join(r['failed']) if r['failed'] else 'passed'}",
+            flush=True,
+        )
     growth = results[-1]["rss_mib"] - results[1]["rss_mib"]
     failed = [r["cycle"] for r in results if r["failed"]]
-    summary = {"cycles": results, "rss_growth_mib": growth, "failed_cycles": failed,
-               "max_growth_mib": args.max_growth_mib}
+    summary = {
+        "cycles": results,
+        "rss_growth_mib": growth,
+        "failed_cycles": failed,
+        "max_growth_mib": args.max_growth_mib,
+    }
     (output_dir / "soak.json").write_text(json.dumps(summary, indent=2))
-    print(f"{args.cycles} cycles, {sum(r['bad_listed'] + r['bad_extra'] for r in results)} bad files; failed cycles: "
-          f"{failed or 'none'}; resident memory {results[1]['rss_mib']:.0f} -> {results[-1]['rss_mib']:.0f} MiB "
-          f"(growth {growth:+.0f} MiB from cycle 1)")
+    print(
+        f"{args.cycles} cycles, {sum(r['bad_listed'] + r['bad_extra'] for r in results)} bad files; failed cycles: "
+        f"{failed or 'none'}; resident memory {results[1]['rss_mib']:.0f} -> {results[-1]['rss_mib']:.0f} MiB "
+        f"(growth {growth:+.0f} MiB from cycle 1)"
+    )
     return 1 if failed or growth > args.max_growth_mib else 0
 
 

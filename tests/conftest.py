@@ -47,7 +47,9 @@ def write_tiny_run(out: Path, network=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), out / "model.pt")
     save_run_settings(str(out), image_size=64, network_args=dict(TINY_NETWORK_ARGS))
-    records = [{"age": "40", "sex": "M", "view": "PA", "follow_up": "0"},
-               {"age": "60", "sex": "F", "view": "AP", "follow_up": "2"}]
+    records = [
+        {"age": "40", "sex": "M", "view": "PA", "follow_up": "0"},
+        {"age": "60", "sex": "F", "view": "AP", "follow_up": "2"},
+    ]
     TabularEncoder().fit(records).save(str(out / "tabular_encoder.json"))
     return out

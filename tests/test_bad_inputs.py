@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO
+
 from medfusionnet.data import prepare_datasets, read_nih_csv
 from medfusionnet.imaging import read_xray
 from medfusionnet.settings import check_training_settings
@@ -20,8 +20,15 @@ from medfusionnet.tabular import FEATURE_NAMES, TabularEncoder
 from medfusionnet.transforms import XrayDataset, xray_transforms
 from medfusionnet.workflows import data_loader
 
-COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
-           "View Position"]
+COLUMNS = [
+    "Image Index",
+    "Finding Labels",
+    "Follow-up #",
+    "Patient ID",
+    "Patient Age",
+    "Patient Gender",
+    "View Position",
+]
 
 
 @pytest.fixture
@@ -106,8 +113,12 @@ def test_csv_ages_0_412_nan_and_text_reach_the_encoding_as_documented(tmp_path, 
 
 
 def test_unknown_view_position_and_sex_are_missing_with_a_counted_warning(tmp_path, encoder, caplog):
-    rows = [["a.png", "Mass", 0, 1, 50, "M", "PA"], ["b.png", "Mass", 0, 2, 50, "F", "LL"],
-            ["c.png", "Mass", 0, 3, 50, "O", "LATERAL"], ["d.png", "Mass", 0, 4, 50, "", ""]]
+    rows = [
+        ["a.png", "Mass", 0, 1, 50, "M", "PA"],
+        ["b.png", "Mass", 0, 2, 50, "F", "LL"],
+        ["c.png", "Mass", 0, 3, 50, "O", "LATERAL"],
+        ["d.png", "Mass", 0, 4, 50, "", ""],
+    ]
     with caplog.at_level(logging.WARNING):
         frame = read_nih_csv(_csv(tmp_path, rows))
     assert "2 row(s) have an unknown 'View Position' (e.g. line 3: 'LL'; known: PA, AP)" in caplog.text
@@ -167,8 +178,9 @@ def _bad_image_files(nih_dir, dicom_files, tmp_path):
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_unreadable_files_are_skipped_and_counted_per_epoch(nih_dir, dicom_files, tmp_path, encoder, caplog,
-                                                             num_workers):
+def test_unreadable_files_are_skipped_and_counted_per_epoch(
+    nih_dir, dicom_files, tmp_path, encoder, caplog, num_workers
+):
     from ignite.engine import Engine
 
     from medfusionnet.handlers import UnreadableImageReport
@@ -189,8 +201,9 @@ def test_unreadable_files_are_skipped_and_counted_per_epoch(nih_dir, dicom_files
             assert f"skipping unreadable image: cannot read image '{path}'" in caplog.text
 
 
-def test_training_drops_an_unreadable_remainder_and_names_a_full_unreadable_batch(nih_dir, dicom_files, tmp_path,
-                                                                                    encoder, caplog):
+def test_training_drops_an_unreadable_remainder_and_names_a_full_unreadable_batch(
+    nih_dir, dicom_files, tmp_path, encoder, caplog
+):
     from ignite.engine import Engine
 
     from medfusionnet.handlers import UnreadableImageReport
@@ -220,12 +233,38 @@ def test_training_drops_an_unreadable_remainder_and_names_a_full_unreadable_batc
 
 # ------------------------------------------------------------------------------------------ training settings
 
-DEFAULTS = dict(batch_size=16, val_batch_size=32, max_epochs=5, val_interval=1, num_workers=2, seed=0, image_size=64,
-                network_name="medfusionnet", network_size="base", split="official", val_fraction=0.1,
-                test_fraction=0.2, cache=None, learning_rate=3e-4, weight_decay=1e-4, loss_name="focal",
-                focal_gamma=2.0, class_weight_power=0.5, asl_gamma_neg=4.0, asl_clip=0.05, sampling="balanced",
-                sampler_max_repeats=3, no_finding_factor=0.5, curriculum_epochs=2, log_interval=20,
-                amp_dtype="float16", warmup_epochs=1, fusion_lr_scale=1.0, gate_lr_scale=30.0, aux_loss_weight=0.3)
+DEFAULTS = dict(
+    batch_size=16,
+    val_batch_size=32,
+    max_epochs=5,
+    val_interval=1,
+    num_workers=2,
+    seed=0,
+    image_size=64,
+    network_name="medfusionnet",
+    network_size="base",
+    split="official",
+    val_fraction=0.1,
+    test_fraction=0.2,
+    cache=None,
+    learning_rate=3e-4,
+    weight_decay=1e-4,
+    loss_name="focal",
+    focal_gamma=2.0,
+    class_weight_power=0.5,
+    asl_gamma_neg=4.0,
+    asl_clip=0.05,
+    sampling="balanced",
+    sampler_max_repeats=3,
+    no_finding_factor=0.5,
+    curriculum_epochs=2,
+    log_interval=20,
+    amp_dtype="float16",
+    warmup_epochs=1,
+    fusion_lr_scale=1.0,
+    gate_lr_scale=30.0,
+    aux_loss_weight=0.3,
+)
 
 
 def test_default_training_settings_pass():
@@ -242,14 +281,20 @@ def test_default_training_settings_pass():
         ("batch_size", 16.0, "batch_size=16.0 (float) is not valid: use an integer >= 1"),
         ("batch_size", True, "batch_size=True (bool) is not valid"),
         ("max_epochs", -1, "max_epochs=-1 (int) is not valid: use an integer >= 1"),
-        ("image_size", 100, "image_size=100 is not valid for network_name='medfusionnet': use a multiple of 32 "
-                            "(e.g. 96 or 128)"),
+        (
+            "image_size",
+            100,
+            "image_size=100 is not valid for network_name='medfusionnet': use a multiple of 32 " "(e.g. 96 or 128)",
+        ),
         ("image_size", 16, "image_size=16 (int) is not valid: use an integer >= 32"),
         ("val_fraction", 2, "val_fraction=2 (int) is not valid: use a number in (0, 1)"),
         ("test_fraction", 0.9, "val_fraction=0.1 and test_fraction=0.9 add up to 1: their sum must stay below 1"),
         ("sampling", "sometimes", "sampling='sometimes' (str) is not valid: use one of ['balanced', 'natural']"),
-        ("loss_name", "xyz", "loss_name='xyz' (str) is not valid: use one of ['bce', 'focal', 'asl', 'focal_asl', "
-                             "'bce_focal']"),
+        (
+            "loss_name",
+            "xyz",
+            "loss_name='xyz' (str) is not valid: use one of ['bce', 'focal', 'asl', 'focal_asl', " "'bce_focal']",
+        ),
         ("amp_dtype", "float8", "amp_dtype='float8' (str) is not valid: use one of ['bfloat16', 'float16']"),
         ("learning_rate", float("nan"), "learning_rate=nan (float) is not valid: use a number > 0"),
         ("learning_rate", "fast", "learning_rate='fast' (str) is not valid: use a number > 0"),
@@ -287,14 +332,25 @@ def test_training_configs_check_their_settings_first(config):
 def _initialize_training(tmp_path, **overrides):
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file="configs/train.yaml", workflow_type="train", output_dir=str(tmp_path / "out"),
-                              demo_dir=str(tmp_path / "demo"), **overrides)
+    workflow = ConfigWorkflow(
+        config_file="configs/train.yaml",
+        workflow_type="train",
+        output_dir=str(tmp_path / "out"),
+        demo_dir=str(tmp_path / "demo"),
+        **overrides,
+    )
     workflow.initialize()
 
 
 @pytest.mark.parametrize(
-    "key, value", [("batch_size", "abc"), ("max_epochs", "abc"), ("image_size", 100), ("amp_dtype", "float8"),
-                   ("curriculum_epochs", -1)],
+    "key, value",
+    [
+        ("batch_size", "abc"),
+        ("max_epochs", "abc"),
+        ("image_size", 100),
+        ("amp_dtype", "float8"),
+        ("curriculum_epochs", -1),
+    ],
 )
 def test_train_config_check_names_a_bad_override_before_training(tmp_path, monkeypatch, key, value):
     monkeypatch.chdir(REPO)  # the configs' macros name files relative to the bundle root
@@ -317,6 +373,7 @@ def _fail_after(real_write, written: int):
     def write(data):
         real_write(data[:written])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     return write
 
 
@@ -324,9 +381,9 @@ def test_risk_model_save_on_a_full_disk_keeps_the_previous_file(tmp_path, monkey
     from medfusionnet import files, risk
 
     rng = np.random.default_rng(0)
-    X = pd.DataFrame({"x": rng.integers(18, 70, 200).astype(float)})
-    y = (X["x"] > 40).astype(int).to_numpy()
-    model = risk.TwoStageRiskModel(top_n=1, max_depth=1).fit(X, y)
+    x = pd.DataFrame({"x": rng.integers(18, 70, 200).astype(float)})
+    y = (x["x"] > 40).astype(int).to_numpy()
+    model = risk.TwoStageRiskModel(top_n=1, max_depth=1).fit(x, y)
     path = tmp_path / "model.json"
     risk.save_models(path, {"y": model})
     before = path.read_bytes()
@@ -344,7 +401,7 @@ def test_risk_model_save_on_a_full_disk_keeps_the_previous_file(tmp_path, monkey
     assert info.value.errno == errno.ENOSPC and f"could not save {path} (disk full)" in str(info.value)
     assert path.read_bytes() == before and not (tmp_path / "model.json.tmp").exists()
     monkeypatch.undo()
-    np.testing.assert_array_equal(risk.load_models(path)["y"].predict_proba(X), model.predict_proba(X))
+    np.testing.assert_array_equal(risk.load_models(path)["y"].predict_proba(x), model.predict_proba(x))
 
 
 def test_prepare_nih_on_a_full_disk_keeps_the_previous_image(tmp_path, monkeypatch):
@@ -386,16 +443,30 @@ def test_every_torch_load_passes_weights_only_true():
     calls, unsafe = 0, []
     for path in _python_files():
         tree = ast.parse(path.read_text(), filename=str(path))
-        torch_names = {"torch"} | {a.asname for n in ast.walk(tree) if isinstance(n, ast.Import)
-                                   for a in n.names if a.name == "torch" and a.asname}
-        load_names = {a.asname or a.name for n in ast.walk(tree)
-                      if isinstance(n, ast.ImportFrom) and n.module == "torch" for a in n.names if a.name == "load"}
+        torch_names = {"torch"} | {
+            a.asname
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Import)
+            for a in n.names
+            if a.name == "torch" and a.asname
+        }
+        load_names = {
+            a.asname or a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module == "torch"
+            for a in n.names
+            if a.name == "load"
+        }
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue
             func = node.func
-            is_load = (isinstance(func, ast.Attribute) and func.attr == "load" and isinstance(func.value, ast.Name)
-                       and func.value.id in torch_names) or (isinstance(func, ast.Name) and func.id in load_names)
+            is_load = (
+                isinstance(func, ast.Attribute)
+                and func.attr == "load"
+                and isinstance(func.value, ast.Name)
+                and func.value.id in torch_names
+            ) or (isinstance(func, ast.Name) and func.id in load_names)
             if not is_load:
                 continue
             calls += 1
@@ -411,8 +482,11 @@ def test_no_pickle_based_serialisation():
     found = []
     for path in _python_files():
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            )
             found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in banned]
             if isinstance(node, ast.Attribute) and node.attr in ("read_pickle", "to_pickle"):
                 found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.attr}")

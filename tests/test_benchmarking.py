@@ -46,8 +46,9 @@ def _loss_and_grads(net, image, tabular, target):
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
-    net = medfusionnet.create_network("medfusionnet", size="tiny", image_size=64, drop_path_rate=0.3,
-                                      dropout_rate=0.2).train()
+    net = medfusionnet.create_network(
+        "medfusionnet", size="tiny", image_size=64, drop_path_rate=0.3, dropout_rate=0.2
+    ).train()
     image, tabular = torch.rand(2, 1, 64, 64), torch.rand(2, medfusionnet.NUM_TABULAR_FEATURES)
     target = torch.tensor([[1.0] * 7 + [0.0] * 7, [0.0] * 7 + [1.0] * 7])
     loss, grads = _loss_and_grads(net, image, tabular, target)
@@ -64,8 +65,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_training_network_options():
-    net = training_network(medfusionnet.create_network("medfusionnet", size="tiny", image_size=64), "cpu",
-                           grad_checkpointing=True, channels_last=True)
+    net = training_network(
+        medfusionnet.create_network("medfusionnet", size="tiny", image_size=64),
+        "cpu",
+        grad_checkpointing=True,
+        channels_last=True,
+    )
     assert net.stages[0].grad_checkpointing
     assert net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="DenseNet121Tabular does not support"):

@@ -1,7 +1,8 @@
 import json
 
-import medfusionnet
 from conftest import REPO
+
+import medfusionnet
 from medfusionnet.constants import LABELS
 from medfusionnet.tabular import FEATURE_NAMES
 

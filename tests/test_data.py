@@ -56,8 +56,14 @@ def test_read_v2020_release(nih_dir):
 
 
 def test_impossible_ages_become_missing_with_a_warning(tmp_path, caplog):
-    path = _write(tmp_path, [["a.png", "Mass", 0, 1, 412, "M", "PA"], ["b.png", "Mass", 0, 2, "abc", "F", "AP"],
-                             ["c.png", "Mass", 0, 3, 0, "F", "AP"]])
+    path = _write(
+        tmp_path,
+        [
+            ["a.png", "Mass", 0, 1, 412, "M", "PA"],
+            ["b.png", "Mass", 0, 2, "abc", "F", "AP"],
+            ["c.png", "Mass", 0, 3, 0, "F", "AP"],
+        ],
+    )
     with caplog.at_level(logging.WARNING):
         frame = read_nih_csv(path)
     assert frame["age"].isna().tolist() == [True, True, False]
@@ -65,16 +71,26 @@ def test_impossible_ages_become_missing_with_a_warning(tmp_path, caplog):
 
 
 def _write(tmp_path, rows, columns=None):
-    columns = columns or ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age",
-                          "Patient Gender", "View Position"]
+    columns = columns or [
+        "Image Index",
+        "Finding Labels",
+        "Follow-up #",
+        "Patient ID",
+        "Patient Age",
+        "Patient Gender",
+        "View Position",
+    ]
     path = tmp_path / "labels.csv"
     pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
     return str(path)
 
 
 def test_csv_errors_name_column_and_row(tmp_path):
-    path = _write(tmp_path, [["a.png", "Mass", 0, 1, 50, "M"]], columns=[
-        "Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender"])
+    path = _write(
+        tmp_path,
+        [["a.png", "Mass", 0, 1, 50, "M"]],
+        columns=["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender"],
+    )
     with pytest.raises(ValueError, match=r"missing required column\(s\) \['View Position'\]"):
         read_nih_csv(path)
     path = _write(tmp_path, [["a.png", "Mass", 0, 1, 50, "M", "PA"], ["b.png", "Masss", 0, 2, 50, "M", "PA"]])
@@ -142,7 +158,8 @@ def test_demo_dataset_is_deterministic_and_logged(tmp_path, caplog):
     b = prepare_datasets(None, demo_dir=str(tmp_path / "demo2"))
     assert [r["name"] for r in a.train] == [r["name"] for r in b.train]
     assert (tmp_path / "demo" / "images" / a.train[0]["name"]).read_bytes() == (
-        tmp_path / "demo2" / "images" / b.train[0]["name"]).read_bytes()
+        tmp_path / "demo2" / "images" / b.train[0]["name"]
+    ).read_bytes()
     counts = np.sum([r["label"] for r in a.train + a.val + a.test], axis=0)
     assert (counts > 0).all()  # every finding occurs
 
@@ -173,8 +190,12 @@ def test_datalist_records_for_inference(nih_dir, tmp_path):
 
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "00000002_000.png").symlink_to(nih_dir / "images_full" / "00000002_000.png")
-    listing = {"testing": [{"image": "imgs/00000002_000.png"},
-                           {"image": str(nih_dir / "images_full" / "00000353_000.png"), "name": "b", "age": "33"}]}
+    listing = {
+        "testing": [
+            {"image": "imgs/00000002_000.png"},
+            {"image": str(nih_dir / "images_full" / "00000353_000.png"), "name": "b", "age": "33"},
+        ]
+    }
     (tmp_path / "list.json").write_text(json.dumps(listing))
     records = inference_records(None, str(nih_dir / "labels.csv"), str(tmp_path / "list.json"))
     assert records[0]["image"] == str(tmp_path / "imgs" / "00000002_000.png") and records[0]["age"] is not None

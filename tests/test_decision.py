@@ -73,8 +73,10 @@ def test_calibration_error_by_hand():
     probs = rng.random((300, len(LABELS)))
     y = (rng.random(probs.shape) < probs**2).astype(float)
     metric = CalibrationErrorMetric(num_bins=10, metric_reduction="none")
-    metric(y_pred=torch.tensor(probs.T[None].copy(), dtype=torch.float32),
-           y=torch.tensor(y.T[None].copy(), dtype=torch.float32))
+    metric(
+        y_pred=torch.tensor(probs.T[None].copy(), dtype=torch.float32),
+        y=torch.tensor(y.T[None].copy(), dtype=torch.float32),
+    )
     np.testing.assert_allclose(calibration_error(probs, y), metric.aggregate().reshape(-1).numpy(), atol=1e-6)
 
 
@@ -93,12 +95,14 @@ def test_decision_writer_reports_tiers_and_unreadable_files(tmp_path):
     batch = [{"name": "a.png", "pred": torch.tensor(probs)}, {"name": "b.png", "pred": torch.tensor(urgent)}]
     broken = tmp_path / "c.png"
     broken.write_bytes(b"")
-    records = [{"image": "a.png", "name": "a.png"}, {"image": "b.png", "name": "b.png"},
-               {"image": str(broken), "name": "c.png"}]
+    records = [
+        {"image": "a.png", "name": "a.png"},
+        {"image": "b.png", "name": "b.png"},
+        {"image": str(broken), "name": "c.png"},
+    ]
     scaler = TemperatureScaling()
     scaler.temperatures_ = [2.0] * len(LABELS)
-    writer = DecisionWriter(str(tmp_path / "out"), thresholds=[0.5] * len(LABELS), calibration=scaler,
-                            records=records)
+    writer = DecisionWriter(str(tmp_path / "out"), thresholds=[0.5] * len(LABELS), calibration=scaler, records=records)
     engine = _engine(batch)
     writer.attach(engine)
     engine.run([0], max_epochs=1)
@@ -117,8 +121,10 @@ def test_decision_writer_reports_tiers_and_unreadable_files(tmp_path):
 def test_metrics_report_fits_and_reports_calibration(tmp_path):
     logits, y = _overconfident(n=400)
     probs = 1 / (1 + np.exp(-logits))
-    batch = [{"name": f"{i}.png", "pred": torch.tensor(p), "label": torch.tensor(t)} for i, (p, t) in
-             enumerate(zip(probs, y))]
+    batch = [
+        {"name": f"{i}.png", "pred": torch.tensor(p), "label": torch.tensor(t)}
+        for i, (p, t) in enumerate(zip(probs, y))
+    ]
 
     def step(engine, _):
         engine.state.batch = batch
@@ -128,8 +134,10 @@ def test_metrics_report_fits_and_reports_calibration(tmp_path):
     MetricsReport(str(tmp_path / "val")).attach(engine)
     engine.run([0], max_epochs=1)
     report = json.loads((tmp_path / "val" / "metrics.json").read_text())["calibration"]
-    assert report["fitted_on_this_data"] and report["expected_calibration_error_calibrated"] < \
-        report["expected_calibration_error"]
+    assert (
+        report["fitted_on_this_data"]
+        and report["expected_calibration_error_calibrated"] < report["expected_calibration_error"]
+    )
     scaler = TemperatureScaling.load(str(tmp_path / "val" / "calibration.json"))
     engine = Engine(step)
     MetricsReport(str(tmp_path / "test"), thresholds=[0.5] * len(LABELS), calibration=scaler).attach(engine)

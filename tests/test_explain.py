@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import NIH, require, write_tiny_run
 from monai.networks.nets import DenseNet121
 
-from conftest import NIH, require, write_tiny_run
 from medfusionnet import explain
 from medfusionnet.baselines import DenseNet121Tabular
 from medfusionnet.constants import LABELS
@@ -267,9 +267,17 @@ def test_explain_workflow_on_the_boxed_nih_images(model_dir, tmp_path):
         (images / name).symlink_to(require(NIH / "images_full" / name))
     (images / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "explain"
-    summary = explain_images(str(model_dir), str(images), str(out), str(NIH / "labels.csv"), findings=["Mass"],
-                             methods=("gradcam", "lrp"), layers=("cnn", "t2c"), boxes_csv=str(NIH / "bbox.csv"),
-                             random_maps=2)
+    summary = explain_images(
+        str(model_dir),
+        str(images),
+        str(out),
+        str(NIH / "labels.csv"),
+        findings=["Mass"],
+        methods=("gradcam", "lrp"),
+        layers=("cnn", "t2c"),
+        boxes_csv=str(NIH / "bbox.csv"),
+        random_maps=2,
+    )
     assert summary["skipped"] == ["broken.png"]
     rows = pd.read_csv(out / "explanations.csv")
     # every image: Mass plus its boxed finding (once when that is Mass), three maps each
@@ -292,10 +300,14 @@ def test_localisation_handler_scores_boxed_images_in_an_evaluator(tiny_net, tmp_
     from medfusionnet.explain_workflow import LocalisationHandler
 
     boxes = tmp_path / "boxes.csv"
-    boxes.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\na.png,Mass,256,256,256,256\n"
-                     "a.png,Nodule,0,0,128,128\nc.png,Infiltrate,0,0,512,512\n")
-    batch = [{"image": torch.rand(1, 64, 64), "tabular": torch.zeros(NUM_TABULAR_FEATURES), "name": name}
-             for name in ("a.png", "b.png")]
+    boxes.write_text(
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\na.png,Mass,256,256,256,256\n"
+        "a.png,Nodule,0,0,128,128\nc.png,Infiltrate,0,0,512,512\n"
+    )
+    batch = [
+        {"image": torch.rand(1, 64, 64), "tabular": torch.zeros(NUM_TABULAR_FEATURES), "name": name}
+        for name in ("a.png", "b.png")
+    ]
 
     def step(engine, _):
         engine.state.batch = batch

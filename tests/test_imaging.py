@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,6 +54,8 @@ def test_truncated_png(nih_dir, tmp_path):
     with pytest.raises(UnreadableImageError, match="truncated") as info:
         read_xray(str(path))
     assert info.value.path == str(path) and f"cannot read image '{path}'" in str(info.value)
+    copy = pickle.loads(pickle.dumps(info.value))  # as a worker process sends it
+    assert (copy.path, copy.reason, str(copy)) == (info.value.path, info.value.reason, str(info.value))
 
 
 def test_missing_file_and_unknown_suffix(tmp_path):

@@ -26,10 +26,10 @@ def test_focal_weights_and_gamma_by_hand(batch):
     loss = create_loss("focal", label_counts=[1, 1, 1, 1, 1], num_samples=2, gamma=2.0)(logits, target)
     p = torch.sigmoid(logits)
     pt = torch.where(target > 0, p, 1 - p)
-    expected = (-(1 - pt) ** 2 * torch.log(pt)).mean()  # equal counts: unit weights
+    expected = (-((1 - pt) ** 2) * torch.log(pt)).mean()  # equal counts: unit weights
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     weighted = FocalLoss(gamma=2.0, weight=w, use_softmax=False)(logits, target)
-    torch.testing.assert_close(weighted, (-(1 - pt) ** 2 * torch.log(pt) * w).mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weighted, (-((1 - pt) ** 2) * torch.log(pt) * w).mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_class_weights_by_hand():

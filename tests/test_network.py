@@ -16,8 +16,10 @@ from medfusionnet.tabular import NUM_TABULAR_FEATURES, TabularEncoder, missing_t
 def _tabular(batch: int) -> torch.Tensor:
     """Encoded tabular rows, every other one with all fields missing (so the missing embeddings are used too)."""
     enc = TabularEncoder().fit([{"age": 30, "follow_up": 1}, {"age": 70, "follow_up": 5}])
-    rows = [{"age": 20 + 10 * i, "sex": "MF"[i % 2], "view": ["PA", "AP"][i % 2], "follow_up": i} if i % 2 == 0
-            else {} for i in range(batch)]
+    rows = [
+        {"age": 20 + 10 * i, "sex": "MF"[i % 2], "view": ["PA", "AP"][i % 2], "follow_up": i} if i % 2 == 0 else {}
+        for i in range(batch)
+    ]
     return torch.from_numpy(enc.transform(rows))
 
 
@@ -39,11 +41,20 @@ def test_output_shape(batch, size, classes):
 
 
 ABLATIONS = [
-    dict(branches=branches, interaction=interaction, fpn=fpn, fusion=fusion, use_tabular=use_tabular,
-         class_reweighting=reweighting, baseline_path=baseline_path)
-    for r in range(1, 4) for branches in itertools.combinations(BRANCHES, r)
+    dict(
+        branches=branches,
+        interaction=interaction,
+        fpn=fpn,
+        fusion=fusion,
+        use_tabular=use_tabular,
+        class_reweighting=reweighting,
+        baseline_path=baseline_path,
+    )
+    for r in range(1, 4)
+    for branches in itertools.combinations(BRANCHES, r)
     for interaction, fpn, fusion, use_tabular, reweighting, baseline_path in itertools.product(
-        (True, False), (True, False), ("attention", "concat"), (True, False), (True, False), (True, False))
+        (True, False), (True, False), ("attention", "concat"), (True, False), (True, False), (True, False)
+    )
     if baseline_path or "cnn" in branches  # without the CNN branch there is no baseline path to switch off
 ]
 
@@ -92,8 +103,15 @@ def test_no_tabular_equals_all_missing_tabular():
         assert not torch.allclose(net(image), net(image, _tabular(2)))
 
 
-@pytest.mark.parametrize("options", [{}, dict(fusion="concat"), dict(branches=("cnn",), fpn=False),
-                                     dict(branches=("transformer", "relational"), use_tabular=False)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        dict(fusion="concat"),
+        dict(branches=("cnn",), fpn=False),
+        dict(branches=("transformer", "relational"), use_tabular=False),
+    ],
+)
 def test_torchscript_parity(options):
     torch.manual_seed(0)
     net = _open_gates(MedFusionNet(size="tiny", **options), 0.5).eval()
@@ -125,8 +143,10 @@ def test_cnn_initialisation_from_a_densenet_file(tmp_path):
     unused = net.load_cnn_weights(str(monai_file))
     assert all(k.startswith("class_layers") for k in unused)
     torch.testing.assert_close(net.stem[0].weight, reference.features.conv0.weight)
-    torch.testing.assert_close(net.stages[3].cnn[1].denselayer16.layers.conv2.weight,
-                               reference.features.denseblock4.denselayer16.layers.conv2.weight)
+    torch.testing.assert_close(
+        net.stages[3].cnn[1].denselayer16.layers.conv2.weight,
+        reference.features.denseblock4.denselayer16.layers.conv2.weight,
+    )
     # torchvision's names and a 3-channel first convolution (ImageNet weights) are accepted too
     torchvision_style = {}
     for key, value in reference.state_dict().items():

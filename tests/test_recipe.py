@@ -51,7 +51,8 @@ def test_without_warmup_the_schedule_is_cosine_annealing():
     reference = torch.optim.lr_scheduler.CosineAnnealingLR(opt_b, T_max=7)
     for _ in range(7):
         assert opt_a.param_groups[0]["lr"] == pytest.approx(opt_b.param_groups[0]["lr"], abs=1e-12)
-        opt_a.step(), opt_b.step(), ours.step(), reference.step()
+        for stepper in (opt_a, opt_b, ours, reference):
+            stepper.step()
 
 
 def test_deep_supervision_is_switched_on_for_training_and_refused_without_branches():

@@ -105,8 +105,13 @@ def test_batchnorm_mlp_takes_a_batch_of_one_in_training():
 
 
 def _small_ensemble(**kwargs):
-    return ProbabilityEnsemble(num_classes=3, image_size=64, members=["densenet121", "medfusionnet"],
-                               member_args=[{}, {"size": "tiny"}], **kwargs)
+    return ProbabilityEnsemble(
+        num_classes=3,
+        image_size=64,
+        members=["densenet121", "medfusionnet"],
+        member_args=[{}, {"size": "tiny"}],
+        **kwargs,
+    )
 
 
 def test_ensemble_mean_and_vote_of_member_probabilities():

@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
+from conftest import REPO
 from ignite.engine import Engine
 from monai.handlers import CheckpointSaver
 
 import medfusionnet
-from conftest import REPO
 from medfusionnet.files import save_torch_atomic
 from medfusionnet.resume import CHECKPOINT_FILE, TrainingCheckpoint, epoch_seed
 
@@ -23,9 +23,28 @@ EPOCHS = 3
 
 
 def _train_command(out, demo, *extra):
-    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.yaml",
-            "--network_size", "tiny", "--image_size", "64", "--max_epochs", str(EPOCHS), "--num_workers", "0",
-            "--output_dir", str(out), "--demo_dir", str(demo), *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.yaml",
+        "--network_size",
+        "tiny",
+        "--image_size",
+        "64",
+        "--max_epochs",
+        str(EPOCHS),
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(out),
+        "--demo_dir",
+        str(demo),
+        *map(str, extra),
+    ]
 
 
 def _train(out, demo, *extra):
@@ -43,8 +62,7 @@ def _saved_epoch(path):
 
 def _kill_after_epoch(out, demo, epoch):
     """Start a training run and SIGKILL it as soon as its checkpoint records ``epoch``; returns that epoch."""
-    proc = subprocess.Popen(_train_command(out, demo), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_command(out, demo), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path = out / CHECKPOINT_FILE
     deadline = time.monotonic() + 900
     try:
@@ -180,8 +198,9 @@ def test_checkpoint_restores_optimiser_generators_and_the_best_model_record(tmp_
 
     torch.manual_seed(123)
     fresh_net = torch.nn.Linear(3, 2)
-    fresh_saver = CheckpointSaver(str(tmp_path), {"model": fresh_net}, save_key_metric=True,
-                                  key_metric_filename="model.pt")
+    fresh_saver = CheckpointSaver(
+        str(tmp_path), {"model": fresh_net}, save_key_metric=True, key_metric_filename="model.pt"
+    )
     fresh = _handler(tmp_path, fresh_net, True, fresh_saver)
     resumed = Engine(lambda e, b: None)
     fresh.load(resumed)

@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DATA, NIH, REPO, require
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 
-from conftest import DATA, NIH, REPO, require
 from medfusionnet import risk
 from medfusionnet.constants import LABELS
 from medfusionnet.data import read_nih_csv
@@ -31,31 +31,31 @@ def cervical():
 def _synthetic(n=600, cut=37, noise=0.05, seed=0):
     """Outcome = (x > cut), flipped for a fraction ``noise`` of rows; two pure-noise columns beside it."""
     rng = np.random.default_rng(seed)
-    x = rng.integers(18, 70, n).astype(float)
-    y = (x > cut).astype(int)
+    value = rng.integers(18, 70, n).astype(float)
+    y = (value > cut).astype(int)
     flip = rng.random(n) < noise
     y[flip] = 1 - y[flip]
-    X = pd.DataFrame({"x": x, "noise_a": rng.normal(size=n), "noise_b": rng.integers(0, 3, n).astype(float)})
-    return X, y
+    x = pd.DataFrame({"x": value, "noise_a": rng.normal(size=n), "noise_b": rng.integers(0, 3, n).astype(float)})
+    return x, y
 
 
 def test_cervical_csv_parses_with_the_documented_counts(cervical):
-    X, Y = cervical
-    assert len(X) == 858 and X.shape[1] + Y.shape[1] == 36
-    assert int(X.isna().sum().sum()) == 3622  # every '?' cell, none in the outcomes
-    assert Y.sum().to_dict() == {"Hinselmann": 35, "Schiller": 74, "Citology": 44, "Biopsy": 55}
-    assert X["Age"].min() == 13 and X["Age"].max() == 84
+    x, y_table = cervical
+    assert len(x) == 858 and x.shape[1] + y_table.shape[1] == 36
+    assert int(x.isna().sum().sum()) == 3622  # every '?' cell, none in the outcomes
+    assert y_table.sum().to_dict() == {"Hinselmann": 35, "Schiller": 74, "Citology": 44, "Biopsy": 55}
+    assert x["Age"].min() == 13 and x["Age"].max() == 84
 
 
 def test_threshold_search_recovers_a_known_cut_point():
-    X, y = _synthetic()
-    found = risk.search_threshold(X["x"].to_numpy(), y)
+    x, y = _synthetic()
+    found = risk.search_threshold(x["x"].to_numpy(), y)
     assert abs(found["threshold"] - 37.5) <= 1.0 and found["direction"] == ">"
     # the refined rule's score is the ROC-AUC of the 0/1 rule, as scikit-learn computes it
-    assert found["score"] == pytest.approx(roc_auc_score(y, X["x"] > found["threshold"]))
-    model = risk.TwoStageRiskModel(top_n=1).fit(X, y)
+    assert found["score"] == pytest.approx(roc_auc_score(y, x["x"] > found["threshold"]))
+    model = risk.TwoStageRiskModel(top_n=1).fit(x, y)
     assert model.selected_features_ == ["x"] and model.stage1_[0]["feature"] == "x"
-    f1 = risk.search_threshold(X["x"].to_numpy(), y, score="f1")
+    f1 = risk.search_threshold(x["x"].to_numpy(), y, score="f1")
     assert abs(f1["threshold"] - 37.5) <= 1.0
 
 
@@ -68,26 +68,27 @@ def test_rule_scores_flip_a_protective_rule():
 
 
 def test_preprocessing_drops_and_imputes():
-    X = pd.DataFrame({"a": [1.0, np.nan, 3.0, 10.0], "empty": [np.nan, np.nan, np.nan, 1.0], "const": [2.0] * 4})
-    pre = risk.RiskPreprocessor().fit(X)
+    x = pd.DataFrame({"a": [1.0, np.nan, 3.0, 10.0], "empty": [np.nan, np.nan, np.nan, 1.0], "const": [2.0] * 4})
+    pre = risk.RiskPreprocessor().fit(x)
     assert pre.columns_ == ["a"] and set(pre.dropped_) == {"empty", "const"}
-    assert pre.transform(X)["a"].tolist() == [1.0, 3.0, 3.0, 10.0]  # median of 1, 3, 10
-    ffill = risk.RiskPreprocessor(imputation="ffill").fit(X)
-    assert ffill.transform(X)["a"].tolist() == [1.0, 1.0, 3.0, 10.0]
-    assert ffill.transform(X.iloc[[1, 0]])["a"].tolist() == [3.0, 1.0]  # a leading gap takes the median
+    assert pre.transform(x)["a"].tolist() == [1.0, 3.0, 3.0, 10.0]  # median of 1, 3, 10
+    ffill = risk.RiskPreprocessor(imputation="ffill").fit(x)
+    assert ffill.transform(x)["a"].tolist() == [1.0, 1.0, 3.0, 10.0]
+    assert ffill.transform(x.iloc[[1, 0]])["a"].tolist() == [3.0, 1.0]  # a leading gap takes the median
     with pytest.raises(ValueError, match="imputation='mean'"):
-        risk.RiskPreprocessor(imputation="mean").fit(X)
+        risk.RiskPreprocessor(imputation="mean").fit(x)
 
 
 def test_cross_validation_fits_everything_inside_the_folds(cervical):
-    X, Y = cervical
-    result = risk.cross_validate(X, Y, {"two_stage": risk.TwoStageRiskModel()}, outcomes=["Biopsy"], repeats=1,
-                                 keep_models=True)
+    x, y_table = cervical
+    result = risk.cross_validate(
+        x, y_table, {"two_stage": risk.TwoStageRiskModel()}, outcomes=["Biopsy"], repeats=1, keep_models=True
+    )
     assert len(result["folds"]) == 5 and len(result["scores"]) == 5
     for _, _, train, fitted in result["folds"]:
-        expected = X.iloc[train][fitted.preprocessor_.columns_].median()
+        expected = x.iloc[train][fitted.preprocessor_.columns_].median()
         assert fitted.preprocessor_.medians_ == pytest.approx(expected.to_dict())
-        assert fitted.prevalence_ == pytest.approx(Y["Biopsy"].iloc[train].mean())
+        assert fitted.prevalence_ == pytest.approx(y_table["Biopsy"].iloc[train].mean())
         assert sum(leaf["n"] for leaf, _ in risk.iter_leaves(fitted.nodes_)) == len(train)
     assert "Biopsy" in result["roc"] and result["scores"]["auc"].between(0, 1).all()
 
@@ -97,42 +98,52 @@ def test_missing_indicators_share_a_pattern_and_carry_signal():
     n = 400
     skipped = rng.random(n) < 0.3  # patients who left a block of questions unanswered
     y = (skipped & (rng.random(n) < 0.6)).astype(int)
-    X = pd.DataFrame({"stds": np.where(skipped, np.nan, rng.integers(0, 2, n)),
-                      "stds_number": np.where(skipped, np.nan, rng.integers(0, 3, n)),
-                      "rare": np.where(np.arange(n) < 360, np.nan, 1.0), "age": rng.integers(15, 60, n)})
-    pre = risk.RiskPreprocessor().fit(X)
+    x = pd.DataFrame(
+        {
+            "stds": np.where(skipped, np.nan, rng.integers(0, 2, n)),
+            "stds_number": np.where(skipped, np.nan, rng.integers(0, 3, n)),
+            "rare": np.where(np.arange(n) < 360, np.nan, 1.0),
+            "age": rng.integers(15, 60, n),
+        }
+    )
+    pre = risk.RiskPreprocessor().fit(x)
     assert pre.indicators_ == {"stds missing": ["stds", "stds_number"], "rare missing": ["rare"]}
-    assert "rare" in pre.dropped_ and pre.output_columns() == ["stds", "stds_number", "age", "stds missing",
-                                                                 "rare missing"]
-    out = pre.transform(X)
+    assert "rare" in pre.dropped_ and pre.output_columns() == [
+        "stds",
+        "stds_number",
+        "age",
+        "stds missing",
+        "rare missing",
+    ]
+    out = pre.transform(x)
     np.testing.assert_array_equal(out["stds missing"], skipped.astype(float))
     assert not out.isna().any().any()
     again = risk.RiskPreprocessor.from_dict(json.loads(json.dumps(pre.to_dict())))
-    pd.testing.assert_frame_equal(again.transform(X), out)
-    assert risk.RiskPreprocessor(missing_indicators=False).fit(X).output_columns() == ["stds", "stds_number", "age"]
-    model = risk.TwoStageRiskModel(top_n=1).fit(X, y)
+    pd.testing.assert_frame_equal(again.transform(x), out)
+    assert risk.RiskPreprocessor(missing_indicators=False).fit(x).output_columns() == ["stds", "stds_number", "age"]
+    model = risk.TwoStageRiskModel(top_n=1).fit(x, y)
     assert model.selected_features_ == ["stds missing"]  # the gap pattern is the only signal
 
 
 def test_forest_stage2_round_trips_and_matches_scikit_learn(cervical, tmp_path):
-    X, Y = cervical
-    model = risk.TwoStageRiskModel(**{**risk.FOREST_PARAMS, "n_estimators": 25}).fit(X, Y["Biopsy"])
+    x, y_table = cervical
+    model = risk.TwoStageRiskModel(**{**risk.FOREST_PARAMS, "n_estimators": 25}).fit(x, y_table["Biopsy"])
     assert len(model.trees_) == 25 and model.top_n_ is None
     assert len(model.selected_features_) == len(model.stage1_)
-    values = model.preprocessor_.transform(X)[model.selected_features_].to_numpy()
-    np.testing.assert_allclose(model.predict_proba(X), model.forest_.predict_proba(values), rtol=0, atol=1e-12)
+    values = model.preprocessor_.transform(x)[model.selected_features_].to_numpy()
+    np.testing.assert_allclose(model.predict_proba(x), model.forest_.predict_proba(values), rtol=0, atol=1e-12)
     risk.save_models(tmp_path / "forest.json", {"Biopsy": model})
     loaded = risk.load_models(tmp_path / "forest.json")["Biopsy"]
     assert loaded.forest_ is None and loaded.stage2 == "forest"
-    np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
-    np.testing.assert_array_equal(loaded.predict_risk(X), model.predict_risk(X))
+    np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
+    np.testing.assert_array_equal(loaded.predict_risk(x), model.predict_risk(x))
     first = model.forest_.estimators_[0]
     np.testing.assert_array_equal(risk.apply_arrays(loaded.trees_[0], values), first.apply(values.astype(np.float32)))
 
 
 def test_top_n_auto_is_chosen_by_inner_cross_validation():
-    X, y = _synthetic(n=300)
-    model = risk.TwoStageRiskModel(top_n="auto", top_n_grid=(1, 3), max_depth=2).fit(X, y)
+    x, y = _synthetic(n=300)
+    model = risk.TwoStageRiskModel(top_n="auto", top_n_grid=(1, 3), max_depth=2).fit(x, y)
     assert set(model.top_n_scores_) == {1, 3} and model.top_n_ == max(model.top_n_scores_, key=model.top_n_scores_.get)
     assert model.top_n_scores_[1] > 0.85  # the single true cut point already ranks well on held-out rows
     assert len(model.selected_features_) == model.top_n_
@@ -150,13 +161,13 @@ def test_grouped_folds_keep_each_patient_on_one_side():
 
 
 def test_json_round_trip_predicts_identically(cervical, tmp_path):
-    X, Y = cervical
-    features = risk.outcome_features(X, Y, "Biopsy", with_screening=True)
+    x, y_table = cervical
+    features = risk.outcome_features(x, y_table, "Biopsy", with_screening=True)
     assert {"Hinselmann", "Schiller", "Citology"} <= set(features.columns) and "Biopsy" not in features.columns
-    model = risk.TwoStageRiskModel().fit(features, Y["Biopsy"])
+    model = risk.TwoStageRiskModel().fit(features, y_table["Biopsy"])
     risk.save_models(tmp_path / "model.json", {"Biopsy": model}, with_screening=True)
     document = json.loads((tmp_path / "model.json").read_text())
-    assert document["outcomes"]["Biopsy"]["preprocessing"]["medians"]["Age"] == X["Age"].median()
+    assert document["outcomes"]["Biopsy"]["preprocessing"]["medians"]["Age"] == x["Age"].median()
     loaded = risk.load_models(tmp_path / "model.json")["Biopsy"]
     assert loaded.tree_ is None  # prediction runs from the JSON rules alone
     np.testing.assert_array_equal(loaded.predict_proba(features), model.predict_proba(features))
@@ -170,32 +181,37 @@ def test_json_round_trip_predicts_identically(cervical, tmp_path):
 
 
 def test_risk_levels_are_monotone_on_training_data(cervical):
-    X, Y = cervical
-    for outcome, with_screening, params in (("Biopsy", False, {}), ("Biopsy", True, {}), ("Schiller", False, {}),
-                                            ("Schiller", True, {}), ("Biopsy", False, risk.FOREST_PARAMS)):
-        features = risk.outcome_features(X, Y, outcome, with_screening)
-        model = risk.TwoStageRiskModel(**{**params, "n_estimators": 25}).fit(features, Y[outcome])
-        rates = risk.level_rates(model, features, Y[outcome]).dropna()["rate"].to_numpy()
+    x, y_table = cervical
+    for outcome, with_screening, params in (
+        ("Biopsy", False, {}),
+        ("Biopsy", True, {}),
+        ("Schiller", False, {}),
+        ("Schiller", True, {}),
+        ("Biopsy", False, risk.FOREST_PARAMS),
+    ):
+        features = risk.outcome_features(x, y_table, outcome, with_screening)
+        model = risk.TwoStageRiskModel(**{**params, "n_estimators": 25}).fit(features, y_table[outcome])
+        rates = risk.level_rates(model, features, y_table[outcome]).dropna()["rate"].to_numpy()
         assert len(rates) >= 2 and np.all(np.diff(rates) > 0), (outcome, with_screening, rates)
 
 
 def test_estimator_conventions():
-    X, y = _synthetic(n=200)
+    x, y = _synthetic(n=200)
     model = risk.TwoStageRiskModel(top_n=2, max_depth=2)
     with pytest.raises(NotFittedError):
-        model.predict(X)
+        model.predict(x)
     copy = clone(model)
     assert copy.get_params() == model.get_params() and not hasattr(copy, "nodes_")
     assert model.set_params(**model.get_params()) is model
-    assert model.fit(X, y) is model and model.predict_proba(X).shape == (200, 2)
-    np.testing.assert_array_equal(model.predict(X.to_numpy()), model.predict(X))  # arrays use the fit's column order
-    assert model.score(X, y) > 0.9  # ClassifierMixin accuracy on an almost separable rule
+    assert model.fit(x, y) is model and model.predict_proba(x).shape == (200, 2)
+    np.testing.assert_array_equal(model.predict(x.to_numpy()), model.predict(x))  # arrays use the fit's column order
+    assert model.score(x, y) > 0.9  # ClassifierMixin accuracy on an almost separable rule
     with pytest.raises(ValueError, match="stage1_score='gini'"):
-        risk.TwoStageRiskModel(stage1_score="gini").fit(X, y)
+        risk.TwoStageRiskModel(stage1_score="gini").fit(x, y)
     with pytest.raises(ValueError, match="stage2='boosting'"):
-        risk.TwoStageRiskModel(stage2="boosting").fit(X, y)
+        risk.TwoStageRiskModel(stage2="boosting").fit(x, y)
     with pytest.raises(ValueError, match="top_n=0"):
-        risk.TwoStageRiskModel(top_n=0).fit(X, y)
+        risk.TwoStageRiskModel(top_n=0).fit(x, y)
 
 
 def test_bins_describe_thresholds():
@@ -228,28 +244,51 @@ def test_sentinels_become_missing(tmp_path, caplog):
     path = tmp_path / "s.csv"
     path.write_text("a,b,y\n?,1,0\n NA ,nan,1\n,2,0\n3,NaN,1\n")
     with caplog.at_level("INFO", logger="medfusionnet.risk"):
-        X, Y = risk.read_risk_csv(path, ["y"])
-    assert X["a"].isna().tolist() == [True, True, True, False] and X["b"].isna().sum() == 2
-    assert Y["y"].tolist() == [0, 1, 0, 1]
+        x, y_table = risk.read_risk_csv(path, ["y"])
+    assert x["a"].isna().tolist() == [True, True, True, False] and x["b"].isna().sum() == 2
+    assert y_table["y"].tolist() == [0, 1, 0, 1]
     assert f"{path}: 5 missing cell(s) in 4 row(s) and 2 of 2 feature column(s) (most in 'a': 3)" in caplog.text
 
 
 def test_nih_tables():
     frame = read_nih_csv(require(NIH / "labels.csv"))
-    X, Y = risk.nih_tables(frame)
-    assert list(X.columns) == list(risk.NIH_FEATURES) and list(Y.columns) == list(LABELS)
-    assert X["sex_M"].sum() == 247 and X["view_PA"].sum() == 394
-    assert int(Y["Infiltration"].sum()) == 92
+    x, y_table = risk.nih_tables(frame)
+    assert list(x.columns) == list(risk.NIH_FEATURES) and list(y_table.columns) == list(LABELS)
+    assert x["sex_M"].sum() == 247 and x["view_PA"].sum() == 394
+    assert int(y_table["Infiltration"].sum()) == 92
 
 
 def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
     build = _script("build_risk_model")
     out = tmp_path / "cervical"
-    assert build.main(["--csv", str(require(CERVICAL)), "--output_dir", str(out), "--repeats", "1",
-                       "--outcomes", "Biopsy", "Schiller", "--with_screening", "--export_tabular"]) == 0
+    assert (
+        build.main(
+            [
+                "--csv",
+                str(require(CERVICAL)),
+                "--output_dir",
+                str(out),
+                "--repeats",
+                "1",
+                "--outcomes",
+                "Biopsy",
+                "Schiller",
+                "--with_screening",
+                "--export_tabular",
+            ]
+        )
+        == 0
+    )
     names = {p.name for p in out.iterdir()}
-    assert {"model.json", "patients.csv", "report.md", "roc_curves.png", "tabular_features.csv",
-            "tree_Biopsy.png", "tree_Schiller.png"} <= names
+    assert {
+        "model.json",
+        "patients.csv",
+        "report.md",
+        "roc_curves.png",
+        "tabular_features.csv",
+        "tree_Biopsy.png",
+        "tree_Schiller.png",
+    } <= names
     patients = pd.read_csv(out / "patients.csv")
     assert len(patients) == 858 and set(patients["Biopsy_level"]) <= set(risk.RISK_LEVELS)
     report = (out / "report.md").read_text()
@@ -258,17 +297,34 @@ def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
     assert "Positive rate per risk level of `two_stage_forest`, out of fold (first CV repeat), (a)" in report
     assert risk.load_models(out / "model.json")["Biopsy"].stage2 == "forest"
     loaded = risk.load_models(out / "model.json")
-    X, Y = risk.read_risk_csv(CERVICAL, ["Biopsy", "Schiller"])
-    np.testing.assert_allclose(loaded["Biopsy"].predict_proba(risk.outcome_features(X, Y, "Biopsy", True))[:, 1],
-                               patients["Biopsy_probability"])
+    x, y_table = risk.read_risk_csv(CERVICAL, ["Biopsy", "Schiller"])
+    np.testing.assert_allclose(
+        loaded["Biopsy"].predict_proba(risk.outcome_features(x, y_table, "Biopsy", True))[:, 1],
+        patients["Biopsy_probability"],
+    )
     assert "AUC (b)" in capsys.readouterr().out
 
 
 def test_script_runs_on_nih_metadata(tmp_path):
     build = _script("build_risk_model")
     out = tmp_path / "nih"
-    assert build.main(["--csv", str(require(NIH / "labels.csv")), "--nih", "--output_dir", str(out),
-                       "--repeats", "1", "--outcomes", "Infiltration", "Effusion"]) == 0
+    assert (
+        build.main(
+            [
+                "--csv",
+                str(require(NIH / "labels.csv")),
+                "--nih",
+                "--output_dir",
+                str(out),
+                "--repeats",
+                "1",
+                "--outcomes",
+                "Infiltration",
+                "Effusion",
+            ]
+        )
+        == 0
+    )
     model = json.loads((out / "model.json").read_text())
     assert set(model["outcomes"]) == {"Infiltration", "Effusion"}
     assert len(pd.read_csv(out / "patients.csv")) == 469

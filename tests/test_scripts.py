@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import REPO, require, write_tiny_run
 
 
@@ -36,10 +35,37 @@ def test_benchmark_reports_ratios_memory_and_data_pipeline(tmp_path, capsys):
     images = require(REPO.parent / "shared" / "data" / "nih" / "images_full")
     bench = _script("benchmark")
     out = tmp_path / "bench.json"
-    assert bench.main(["--networks", "medfusionnet:tiny", "densenet121", "--variants", "fp32", "checkpoint",
-                       "--image_size", "64", "--batch_size", "2", "--rounds", "1", "--device", "cpu",
-                       "--matmul_size", "256", "--data_dir", str(images), "--data_limit", "4", "--data_workers", "0",
-                       "--output", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--networks",
+                "medfusionnet:tiny",
+                "densenet121",
+                "--variants",
+                "fp32",
+                "checkpoint",
+                "--image_size",
+                "64",
+                "--batch_size",
+                "2",
+                "--rounds",
+                "1",
+                "--device",
+                "cpu",
+                "--matmul_size",
+                "256",
+                "--data_dir",
+                str(images),
+                "--data_limit",
+                "4",
+                "--data_workers",
+                "0",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     rows = {(r["network"], r["variant"]): r for r in report["results"]}
     assert set(rows) == {("medfusionnet:tiny", "fp32"), ("medfusionnet:tiny", "checkpoint"), ("densenet121", "fp32")}
@@ -58,8 +84,10 @@ def test_benchmark_reports_ratios_memory_and_data_pipeline(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "checkpoint" in printed
     latency = ref["infer_img_s"] / tiny["infer_img_s"]
-    assert (f"medfusionnet:tiny (fp32) against densenet121: training {tiny['train_ratio_to_reference']:.2f}x its "
-            f"images/s, inference latency {latency:.2f}x, GMACs {tiny['gmacs_ratio_to_reference']:.2f}x") in printed
+    assert (
+        f"medfusionnet:tiny (fp32) against densenet121: training {tiny['train_ratio_to_reference']:.2f}x its "
+        f"images/s, inference latency {latency:.2f}x, GMACs {tiny['gmacs_ratio_to_reference']:.2f}x"
+    ) in printed
 
 
 def test_benchmark_refuses_an_unknown_variant():
@@ -71,8 +99,10 @@ def test_imbalance_study_summary_by_hand():
     study = _script("imbalance_study")
 
     def report(auc, recall_a, recall_b):
-        return {"mean": {"auc": auc, "f1": 0.5, "gmean": 0.6},
-                "per_class": {"A": {"sensitivity": recall_a}, "B": {"sensitivity": recall_b}}}
+        return {
+            "mean": {"auc": auc, "f1": 0.5, "gmean": 0.6},
+            "per_class": {"A": {"sensitivity": recall_a}, "B": {"sensitivity": recall_b}},
+        }
 
     summary = study.summarize({"toolkit": [report(0.7, 1.0, 0.5), report(0.8, 0.0, None)]}, ["A", "B"])
     figures = summary["toolkit"]
@@ -97,8 +127,16 @@ def test_package_bundle_layout(tmp_path):
     root = tmp_path / "dist" / package.NAME
     assert not (root / "configs" / "metadata.json").is_symlink()
     assert (root / "configs" / "metadata.json").read_text() == (REPO / "metadata.json").read_text()
-    for path in ("configs/inference.yaml", "models/model.pt", "models/run_settings.json", "docs/README.md",
-                 "docs/data_license.txt", "LICENSE", "medfusionnet/network.py", "large_files.yml"):
+    for path in (
+        "configs/inference.yaml",
+        "models/model.pt",
+        "models/run_settings.json",
+        "docs/README.md",
+        "docs/data_license.txt",
+        "LICENSE",
+        "medfusionnet/network.py",
+        "large_files.yml",
+    ):
         assert (root / path).is_file(), path
     entry = yaml.safe_load((root / "large_files.yml").read_text())["large_files"][0]
     assert entry["path"] == "models/model.pt" and entry["hash_val"] == package.sha256(str(run / "model.pt"))
@@ -123,16 +161,37 @@ def test_packaged_bundle_runs_inference_in_a_fresh_environment(tmp_path, dicom_f
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # no access to this repository
     python = str(venv / "bin" / "python")
-    proc = subprocess.run([python, "-m", "pip", "install", "-q", *package.requirements()], capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [python, "-m", "pip", "install", "-q", *package.requirements()], capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = subprocess.run([python, "-c", "import medfusionnet; print(medfusionnet.__file__)"], cwd=root, env=env,
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [python, "-c", "import medfusionnet; print(medfusionnet.__file__)"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(root))  # the bundle's own copy of the code
-    proc = subprocess.run([python, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-                           "--input_dir", str(dicom_files[0].parent)], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            python,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.yaml",
+            "--input_dir",
+            str(dicom_files[0].parent),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     decisions = json.loads((root / "models" / "inference" / "decisions.json").read_text())
     assert len(decisions["images"]) == 2 and all(i["status"] == "ok" for i in decisions["images"])
@@ -159,8 +218,20 @@ def test_prepare_nih_from_a_folder_and_an_archive(nih_dir, tmp_path, capsys):
     table = pd.concat([table[table["Image Index"].isin(names)], table.iloc[:1].assign(**{"Image Index": broken})])
     table.to_csv(tmp_path / "entry.csv", index=False)
     out = tmp_path / "nih256"
-    argv = ["--source", str(source), "--data_entry", str(tmp_path / "entry.csv"), "--output_dir", str(out),
-            "--size", "256", "--workers", "2", "--test_list", str(nih_dir / "meta" / "test_list.txt")]
+    argv = [
+        "--source",
+        str(source),
+        "--data_entry",
+        str(tmp_path / "entry.csv"),
+        "--output_dir",
+        str(out),
+        "--size",
+        "256",
+        "--workers",
+        "2",
+        "--test_list",
+        str(nih_dir / "meta" / "test_list.txt"),
+    ]
     assert prepare.main(argv) == 1  # the broken file is reported
     summary = json.loads((out / "prepare_summary.json").read_text())
     assert summary["present"] == 4 and summary["converted"] == 4 and list(summary["errors"]) == [broken]
@@ -232,8 +303,9 @@ def test_compare_ranks_models_and_resumes(tmp_path, monkeypatch):
     compare = _script("compare")
     out = tmp_path / "compare"
     shared = ["--network_size", "tiny", "--max_epochs", "1", "--num_workers", "0", "--demo_dir", str(tmp_path / "d")]
-    assert compare.main(["--models", "medfusionnet", "cnn_only", "--seeds", "0", "--output_dir", str(out),
-                         *shared]) == 0
+    assert (
+        compare.main(["--models", "medfusionnet", "cnn_only", "--seeds", "0", "--output_dir", str(out), *shared]) == 0
+    )
     stats = json.loads((out / "stats.json").read_text())
     assert "friedman" not in stats and len(stats["wilcoxon_holm"]) == 1  # two models: pairwise test only
     assert [d["model"] for d in stats["paired_mean_auc"]] == ["cnn_only"] and stats["best_vs_last"]["runs"] == 2
@@ -255,8 +327,10 @@ def test_compare_ranks_models_and_resumes(tmp_path, monkeypatch):
     seconds = dict(zip(results["model"], results["train_seconds"]))
     assert seconds["ensemble"] == pytest.approx(seconds["medfusionnet"] + seconds["cnn_only"])
     # the ensemble's test probabilities are the mean of its members'
-    preds = {m: pd.read_csv(out / "runs" / m / "seed0" / "eval" / "predictions.csv").set_index("Image Index")
-             for m in ("medfusionnet", "cnn_only", "ensemble")}
+    preds = {
+        m: pd.read_csv(out / "runs" / m / "seed0" / "eval" / "predictions.csv").set_index("Image Index")
+        for m in ("medfusionnet", "cnn_only", "ensemble")
+    }
     np.testing.assert_allclose(preds["ensemble"], (preds["medfusionnet"] + preds["cnn_only"]) / 2, atol=2e-5)
     assert (out / "runs" / "ensemble" / "seed0" / "thresholds.json").is_file()  # chosen on validation
     stats = json.loads((out / "stats.json").read_text())
@@ -290,11 +364,21 @@ def test_learning_curve_reads_each_budget_and_plots(tmp_path, capsys):
     for epochs, shift in ((5, 0.0), (10, 0.1)):
         folder = tmp_path / f"e{epochs}"
         folder.mkdir()
-        pd.DataFrame({"model": ["medfusionnet", "densenet121"] * 2, "seed": [0, 0, 1, 1],
-                      "auc": [0.5 + shift, 0.6 + shift, 0.7 + shift, 0.6 + shift],
-                      "auc_last": [0.55, 0.65, 0.65, 0.55], "f1": 0.1}).to_csv(folder / "results.csv", index=False)
-    assert curve.main(["--runs", f"10={tmp_path / 'e10'}", f"5={tmp_path / 'e5'}", "--output",
-                       str(tmp_path / "out" / "curve")]) == 0
+        pd.DataFrame(
+            {
+                "model": ["medfusionnet", "densenet121"] * 2,
+                "seed": [0, 0, 1, 1],
+                "auc": [0.5 + shift, 0.6 + shift, 0.7 + shift, 0.6 + shift],
+                "auc_last": [0.55, 0.65, 0.65, 0.55],
+                "f1": 0.1,
+            }
+        ).to_csv(folder / "results.csv", index=False)
+    assert (
+        curve.main(
+            ["--runs", f"10={tmp_path / 'e10'}", f"5={tmp_path / 'e5'}", "--output", str(tmp_path / "out" / "curve")]
+        )
+        == 0
+    )
     table = pd.read_csv(tmp_path / "out" / "curve.csv")
     assert list(table.columns) == ["epochs", "model", "seed", "auc", "auc_last"]
     assert table["epochs"].tolist() == [5] * 4 + [10] * 4  # sorted by budget whatever the order given

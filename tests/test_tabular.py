@@ -8,8 +8,16 @@ from medfusionnet.tabular import FEATURE_NAMES, TabularEncoder, parse_age, parse
 
 @pytest.mark.parametrize(
     "raw, years",
-    [(58, 58.0), ("58", 58.0), ("058Y", 58.0), ("013M", 13 / 12), ("001D", 1 / 365.25), ("002W", 2 / 52.1775),
-     (0, 0.0), (120, 120.0)],
+    [
+        (58, 58.0),
+        ("58", 58.0),
+        ("058Y", 58.0),
+        ("013M", 13 / 12),
+        ("001D", 1 / 365.25),
+        ("002W", 2 / 52.1775),
+        (0, 0.0),
+        (120, 120.0),
+    ],
 )
 def test_parse_age_valid(raw, years):
     assert parse_age(raw) == pytest.approx(years)

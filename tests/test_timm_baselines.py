@@ -90,8 +90,9 @@ def test_convfcmae_head_freezing_and_a_training_step(tmp_path):
     before = {n: p.detach().clone() for n, p in frozen.named_parameters()}
     optimizer = torch.optim.SGD([p for p in frozen.parameters() if p.requires_grad], lr=0.1)
     for batch in (image, image[:1]):
-        torch.nn.functional.binary_cross_entropy_with_logits(frozen(batch, tab[: len(batch)]),
-                                                             torch.ones(len(batch), 14)).backward()
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            frozen(batch, tab[: len(batch)]), torch.ones(len(batch), 14)
+        ).backward()
         optimizer.step()
     for name, p in frozen.named_parameters():
         assert torch.equal(p, before[name]) != p.requires_grad, name

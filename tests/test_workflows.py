@@ -8,15 +8,18 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, require
 
 import medfusionnet
-from conftest import REPO, require
 
 
 def bundle(*args, timeout=900):
     """Run ``python -m monai.bundle <args>`` from the repository root; fail with its output on error."""
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "monai.bundle", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -53,8 +56,9 @@ def _check_training_outputs(out, num_val_images_min=1):
 def test_verify_metadata_and_network():
     schema = require(REPO.parent / "shared" / "schema" / "meta_schema_20240725.json")
     assert "verified with no error" in bundle("verify_metadata", "--meta_file", "metadata.json", "--filepath", schema)
-    log = bundle("verify_net_in_out", "network_def", "--meta_file", "metadata.json",
-                 "--config_file", "configs/inference.yaml")
+    log = bundle(
+        "verify_net_in_out", "network_def", "--meta_file", "metadata.json", "--config_file", "configs/inference.yaml"
+    )
     assert "verified with no error" in log
 
 
@@ -63,30 +67,69 @@ def test_verify_net_in_out_with_tabular_input(monkeypatch):
 
     monkeypatch.chdir(REPO)  # the configs' macros name files relative to the bundle root
     for tabular in (None, torch.zeros(1, medfusionnet.NUM_TABULAR_FEATURES)):
-        verify_net_in_out("network_def", meta_file="metadata.json", config_file="configs/inference.yaml",
-                          extra_forward_args={"tabular": tabular}, output_dir=str(REPO / "no_such_run"))
+        verify_net_in_out(
+            "network_def",
+            meta_file="metadata.json",
+            config_file="configs/inference.yaml",
+            extra_forward_args={"tabular": tabular},
+            output_dir=str(REPO / "no_such_run"),
+        )
 
 
 @pytest.mark.slow
 def test_demo_train_evaluate_infer(tmp_path):
     out = tmp_path / "run"
-    log = bundle("run", "training", "--config_file", "configs/train.yaml", "--output_dir", out,
-                 "--demo_dir", tmp_path / "demo", "--max_epochs", 2, "--num_workers", 0)
+    log = bundle(
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.yaml",
+        "--output_dir",
+        out,
+        "--demo_dir",
+        tmp_path / "demo",
+        "--max_epochs",
+        2,
+        "--num_workers",
+        0,
+    )
     assert "SYNTHETIC" in log and "Cannot find the metadata" not in log
     metrics = _check_training_outputs(out)
     assert metrics["mean"]["auc"] > 0.6  # the synthetic findings are learnable within two epochs
-    bundle("run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--output_dir", out,
-           "--demo_dir", tmp_path / "demo", "--num_workers", 0)
+    bundle(
+        "run",
+        "--config_file",
+        "['configs/train.yaml','configs/evaluate.yaml']",
+        "--output_dir",
+        out,
+        "--demo_dir",
+        tmp_path / "demo",
+        "--num_workers",
+        0,
+    )
     report = json.loads((out / "eval" / "metrics.json").read_text())
     assert report["thresholds_chosen_on_this_data"] is False
-    assert all(report["per_class"][k]["threshold"] == v
-               for k, v in json.loads((out / "thresholds.json").read_text()).items())
+    assert all(
+        report["per_class"][k]["threshold"] == v for k, v in json.loads((out / "thresholds.json").read_text()).items()
+    )
     assert (out / "eval" / "roc.png").stat().st_size > 0
     assert len(_rows(out / "eval" / "predictions.csv")) == report["num_images"]
 
     # TorchScript export of the trained model matches eager mode
-    bundle("ckpt_export", "network_def", "--filepath", out / "model.ts", "--ckpt_file", out / "model.pt",
-           "--meta_file", "metadata.json", "--config_file", "configs/inference.yaml", "--output_dir", out)
+    bundle(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        out / "model.ts",
+        "--ckpt_file",
+        out / "model.pt",
+        "--meta_file",
+        "metadata.json",
+        "--config_file",
+        "configs/inference.yaml",
+        "--output_dir",
+        out,
+    )
     scripted = torch.jit.load(str(out / "model.ts"))
     settings = json.loads((out / "run_settings.json").read_text())
     eager = medfusionnet.create_network(**settings["network_args"]).eval()
@@ -100,26 +143,60 @@ def test_demo_train_evaluate_infer(tmp_path):
     nih = REPO.parent / "shared" / "data" / "nih"
     if (nih / "images_full").is_dir():
         check = _script("export_check")
-        assert check.main(["--model_dir", str(out), "--inputs", str(nih / "images_full"), "--tabular_csv",
-                           str(nih / "labels.csv"), "--limit", "16", "--batch_size", "8", "--repeats", "1",
-                           "--output", str(out / "export_check.json")]) == 0
+        assert (
+            check.main(
+                [
+                    "--model_dir",
+                    str(out),
+                    "--inputs",
+                    str(nih / "images_full"),
+                    "--tabular_csv",
+                    str(nih / "labels.csv"),
+                    "--limit",
+                    "16",
+                    "--batch_size",
+                    "8",
+                    "--repeats",
+                    "1",
+                    "--output",
+                    str(out / "export_check.json"),
+                ]
+            )
+            == 0
+        )
         result = json.loads((out / "export_check.json").read_text())
         assert result["images"] == 16 and result["embedded"] == {"metadata.json": True, "inference.json": True}
         assert max(result["max_abs_logit_difference"].values()) < 1e-4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
-    ["--network_name", "densenet121"],
-    ["--network_size", "tiny", "--fusion", "concat", "--branches", "['cnn','relational']", "--fpn", "False"],
-    ["--network_size", "tiny", "--interaction", "False", "--use_tabular", "False", "--class_reweighting", "False"],
-    ["--network_size", "tiny", "--grad_checkpointing", "True", "--channels_last", "True"],  # training options
-    ["--network_size", "tiny", "--aux_loss_weight", "0.3", "--gate_lr_scale", "30", "--fusion_lr_scale", "2"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--network_name", "densenet121"],
+        ["--network_size", "tiny", "--fusion", "concat", "--branches", "['cnn','relational']", "--fpn", "False"],
+        ["--network_size", "tiny", "--interaction", "False", "--use_tabular", "False", "--class_reweighting", "False"],
+        ["--network_size", "tiny", "--grad_checkpointing", "True", "--channels_last", "True"],  # training options
+        ["--network_size", "tiny", "--aux_loss_weight", "0.3", "--gate_lr_scale", "30", "--fusion_lr_scale", "2"],
+    ],
+)
 def test_networks_and_ablations_selected_by_overrides(tmp_path, overrides):
     out = tmp_path / "run"
-    bundle("run", "training", "--config_file", "configs/train.yaml", "--output_dir", out,
-           "--demo_dir", tmp_path / "demo", "--max_epochs", 1, "--num_workers", 0, *overrides)
+    bundle(
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.yaml",
+        "--output_dir",
+        out,
+        "--demo_dir",
+        tmp_path / "demo",
+        "--max_epochs",
+        1,
+        "--num_workers",
+        0,
+        *overrides,
+    )
     args = json.loads((out / "run_settings.json").read_text())["network_args"]
     for flag, value in zip(overrides[::2], overrides[1::2]):
         key = {"--network_name": "name", "--network_size": "size"}.get(flag, flag[2:])
@@ -132,14 +209,45 @@ def test_networks_and_ablations_selected_by_overrides(tmp_path, overrides):
 @pytest.mark.slow
 def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
     out = tmp_path / "run"
-    bundle("run", "training", "--config_file", "configs/train.yaml", "--dataset_dir", nih_dir,
-           "--labels_csv", nih_dir / "labels.csv", "--images_dir", nih_dir / "images_256", "--image_size", 64,
-           "--max_epochs", 1, "--output_dir", out, "--num_workers", 0)
+    bundle(
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.yaml",
+        "--dataset_dir",
+        nih_dir,
+        "--labels_csv",
+        nih_dir / "labels.csv",
+        "--images_dir",
+        nih_dir / "images_256",
+        "--image_size",
+        64,
+        "--max_epochs",
+        1,
+        "--output_dir",
+        out,
+        "--num_workers",
+        0,
+    )
     metrics = _check_training_outputs(out)
     assert sum(v["auc"] is not None for v in metrics["per_class"].values()) >= 12
-    bundle("run", "--config_file", "['configs/train.yaml','configs/evaluate.yaml']", "--dataset_dir", nih_dir,
-           "--labels_csv", nih_dir / "labels.csv", "--images_dir", nih_dir / "images_256", "--output_dir", out,
-           "--num_workers", 0, "--boxes_csv", nih_dir / "bbox.csv")
+    bundle(
+        "run",
+        "--config_file",
+        "['configs/train.yaml','configs/evaluate.yaml']",
+        "--dataset_dir",
+        nih_dir,
+        "--labels_csv",
+        nih_dir / "labels.csv",
+        "--images_dir",
+        nih_dir / "images_256",
+        "--output_dir",
+        out,
+        "--num_workers",
+        0,
+        "--boxes_csv",
+        nih_dir / "bbox.csv",
+    )
     report = json.loads((out / "eval" / "metrics.json").read_text())
     assert report["num_images"] == 56  # the official test images among the 469
     assert 0 <= report["calibration"]["expected_calibration_error_calibrated"] <= 1
@@ -148,15 +256,40 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
     assert localisation["random_baseline"]["count"] == 9 * 20
     assert 0 <= localisation["scores"]["pointing_hit"] <= 1
     explain_dir = tmp_path / "explain"
-    bundle("run", "--config_file", "configs/explain.yaml", "--output_dir", out, "--explain_dir", explain_dir,
-           "--input_dir", nih_dir / "images_full" / "00015649_000.png", "--boxes_csv", nih_dir / "bbox.csv",
-           "--tabular_csv", nih_dir / "labels.csv")
+    bundle(
+        "run",
+        "--config_file",
+        "configs/explain.yaml",
+        "--output_dir",
+        out,
+        "--explain_dir",
+        explain_dir,
+        "--input_dir",
+        nih_dir / "images_full" / "00015649_000.png",
+        "--boxes_csv",
+        nih_dir / "bbox.csv",
+        "--tabular_csv",
+        nih_dir / "labels.csv",
+    )
     summary = json.loads((explain_dir / "summary.json").read_text())
     assert summary["localisation"]["gradcam:cnn"]["maps"] == 1 and "lrp:input" in summary["randomisation_check"]
     for folder, expected in ((nih_dir / "images_full", 150), (dicom_files[0].parent, 2)):
         infer_dir = tmp_path / folder.name
-        bundle("run", "--config_file", "configs/inference.yaml", "--input_dir", folder, "--output_dir", out,
-               "--infer_dir", infer_dir, "--tabular_csv", nih_dir / "labels.csv", "--num_workers", 0)
+        bundle(
+            "run",
+            "--config_file",
+            "configs/inference.yaml",
+            "--input_dir",
+            folder,
+            "--output_dir",
+            out,
+            "--infer_dir",
+            infer_dir,
+            "--tabular_csv",
+            nih_dir / "labels.csv",
+            "--num_workers",
+            0,
+        )
         rows = _rows(infer_dir / "predictions.csv")
         assert len(rows) == expected
         decisions = json.loads((infer_dir / "decisions.json").read_text())
@@ -171,13 +304,42 @@ def test_two_process_cpu_training_with_torchrun(nih_dir, tmp_path):
     """Two gloo processes train on real NIH images; the validation metrics they gather equal a single-process
     evaluation of the saved checkpoint on the same split."""
     out = tmp_path / "ddp"
-    data = ["--dataset_dir", nih_dir, "--labels_csv", nih_dir / "labels.csv", "--images_dir", nih_dir / "images_256",
-            "--image_size", 64, "--output_dir", out, "--num_workers", 0, "--network_size", "tiny"]
+    data = [
+        "--dataset_dir",
+        nih_dir,
+        "--labels_csv",
+        nih_dir / "labels.csv",
+        "--images_dir",
+        nih_dir / "images_256",
+        "--image_size",
+        64,
+        "--output_dir",
+        out,
+        "--num_workers",
+        0,
+        "--network_size",
+        "tiny",
+    ]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run",
-         "training", "--config_file", "['configs/train.yaml','configs/multi_gpu_train.yaml']", "--max_epochs", "1",
-         *map(str, data)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            "['configs/train.yaml','configs/multi_gpu_train.yaml']",
+            "--max_epochs",
+            "1",
+            *map(str, data),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     gathered = _check_training_outputs(out)  # the state dict has no DistributedDataParallel "module." prefix
@@ -225,8 +387,11 @@ def test_a_checkpoint_of_another_network_is_refused_by_name(tmp_path):
     torch.save(net, tmp_path / "whole.pt")
     (tmp_path / "notes.pt").write_text("epoch 3 looked best")
     torch.save([net.state_dict()], tmp_path / "list.pt")
-    for name, match in (("whole.pt", "cannot be read as a state dict"), ("notes.pt", "cannot be read as a state dict"),
-                        ("list.pt", "holds a list, not a state dict")):
+    for name, match in (
+        ("whole.pt", "cannot be read as a state dict"),
+        ("notes.pt", "cannot be read as a state dict"),
+        ("list.pt", "holds a list, not a state dict"),
+    ):
         with pytest.raises(ValueError, match=rf"{name}.*{match}"):
             check_checkpoint(str(tmp_path / name), net)
 

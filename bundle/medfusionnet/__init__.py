@@ -8,5 +8,11 @@ from .tabular import NUM_TABULAR_FEATURES, TabularEncoder
 __version__ = "0.4.0"
 
 __all__ = [
-    "LABELS", "MedFusionNet", "NETWORKS", "NUM_CLASSES", "NUM_TABULAR_FEATURES", "TabularEncoder", "create_network",
+    "LABELS",
+    "MedFusionNet",
+    "NETWORKS",
+    "NUM_CLASSES",
+    "NUM_TABULAR_FEATURES",
+    "TabularEncoder",
+    "create_network",
 ]

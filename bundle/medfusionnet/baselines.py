@@ -36,8 +36,15 @@ class LateFusionHead(nn.Module):
     """The baselines' classifier: pooled image features ``(B, D)``, the tabular embedding appended when
     ``use_tabular``, dropout and one linear layer: ``(features, tabular or None) -> logits (B, num_classes)``."""
 
-    def __init__(self, num_image_features: int, num_classes: int, num_tabular_features: int = NUM_TABULAR_FEATURES,
-                 use_tabular: bool = True, tabular_embed_dim: int = 32, dropout_rate: float = 0.2):
+    def __init__(
+        self,
+        num_image_features: int,
+        num_classes: int,
+        num_tabular_features: int = NUM_TABULAR_FEATURES,
+        use_tabular: bool = True,
+        tabular_embed_dim: int = 32,
+        dropout_rate: float = 0.2,
+    ):
         super().__init__()
         self.use_tabular = use_tabular
         self.tabular = TabularMLP(num_tabular_features, tabular_embed_dim) if use_tabular else None
@@ -62,10 +69,18 @@ class LateFusionClassifier(nn.Module, ABC):
     """Base of the baselines: pooled image features from the subclass's ``image_features``, then `LateFusionHead`
     (``late_fusion``)."""
 
-    def _build_head(self, num_image_features: int, num_classes: int, num_tabular_features: int, use_tabular: bool,
-                    tabular_embed_dim: int, dropout_rate: float) -> None:
-        self.late_fusion = LateFusionHead(num_image_features, num_classes, num_tabular_features, use_tabular,
-                                          tabular_embed_dim, dropout_rate)
+    def _build_head(
+        self,
+        num_image_features: int,
+        num_classes: int,
+        num_tabular_features: int,
+        use_tabular: bool,
+        tabular_embed_dim: int,
+        dropout_rate: float,
+    ) -> None:
+        self.late_fusion = LateFusionHead(
+            num_image_features, num_classes, num_tabular_features, use_tabular, tabular_embed_dim, dropout_rate
+        )
 
     @abstractmethod
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
@@ -103,8 +118,14 @@ class DenseNet121Tabular(LateFusionClassifier):
         backbone = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
         self.features = backbone.features
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self._build_head(backbone.class_layers.out.in_features, num_classes, num_tabular_features, use_tabular,
-                         tabular_embed_dim, dropout_rate)
+        self._build_head(
+            backbone.class_layers.out.in_features,
+            num_classes,
+            num_tabular_features,
+            use_tabular,
+            tabular_embed_dim,
+            dropout_rate,
+        )
 
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
         """DenseNet's last feature map, ReLU and global average pooling: ``(B, 1024)``."""
@@ -145,8 +166,9 @@ def load_timm_backbone_weights(backbone: nn.Module, path: str) -> None:
     state = {k: v for k, v in state.items() if not any(c and k.startswith(f"{c}.") for c in classifiers)}
     missing, _ = backbone.load_state_dict(state, strict=False)
     if missing:
-        raise ValueError(f"{path} lacks {len(missing)} backbone weight(s) of '{cfg.get('architecture')}', e.g. "
-                         f"{missing[:3]}")
+        raise ValueError(
+            f"{path} lacks {len(missing)} backbone weight(s) of '{cfg.get('architecture')}', e.g. " f"{missing[:3]}"
+        )
 
 
 class TimmTabular(LateFusionClassifier):
@@ -183,8 +205,9 @@ class TimmTabular(LateFusionClassifier):
         self.backbone = timm.create_model(name, pretrained=False, in_chans=in_channels, num_classes=0, **extra)
         if pretrained_path:
             self.load_backbone_weights(pretrained_path)
-        self._build_head(self.backbone.num_features, num_classes, num_tabular_features, use_tabular,
-                         tabular_embed_dim, dropout_rate)
+        self._build_head(
+            self.backbone.num_features, num_classes, num_tabular_features, use_tabular, tabular_embed_dim, dropout_rate
+        )
 
     def load_backbone_weights(self, path: str) -> None:
         """Load a local timm state dict into the backbone (`load_timm_backbone_weights`)."""

@@ -106,8 +106,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
-                      repeats: int = 5) -> float:
+def matmul_peak_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5
+) -> float:
     """The best FLOP/s of an ``n x n`` matrix product on ``device`` in ``dtype``, after one warm-up: a measured
     ceiling to compare a network's achieved FLOP/s with."""
     a = torch.rand(n, n, device=device).to(dtype)
@@ -184,8 +185,9 @@ def _cpu_memory_probe(net: torch.nn.Module, variant_name: str, image_size: int, 
     return _rss_peak_growth(run)
 
 
-def peak_training_memory_mib(net: torch.nn.Module, variant: Variant, image_size: int, batch_size: int,
-                             device: torch.device, steps: int = 3) -> float | None:
+def peak_training_memory_mib(
+    net: torch.nn.Module, variant: Variant, image_size: int, batch_size: int, device: torch.device, steps: int = 3
+) -> float | None:
     """Peak memory of training steps, in MiB.
 
     On CUDA: the allocator's peak (weights, gradients, optimiser state, activations). On CPU: the growth of the
@@ -209,8 +211,15 @@ def peak_training_memory_mib(net: torch.nn.Module, variant: Variant, image_size:
         return pool.apply(_cpu_memory_probe, (net.cpu(), variant.name, image_size, batch_size, steps))
 
 
-def pipeline_images_per_second(records: list[dict], image_size: int, workers: int = 2, batch_size: int = 8,
-                               cache: str | None = None, cache_dir: str | None = None, passes: int = 1) -> list[float]:
+def pipeline_images_per_second(
+    records: list[dict],
+    image_size: int,
+    workers: int = 2,
+    batch_size: int = 8,
+    cache: str | None = None,
+    cache_dir: str | None = None,
+    passes: int = 1,
+) -> list[float]:
     """Images per second through the training preprocessing (load, tabular encoding, resize, augmentation) and a
     data loader, for each of ``passes`` passes over ``records`` (with ``cache='disk'`` the first pass fills the
     cache and later ones read it)."""
@@ -219,8 +228,9 @@ def pipeline_images_per_second(records: list[dict], image_size: int, workers: in
     from .workflows import data_loader
 
     encoder = TabularEncoder().fit(records)
-    dataset = XrayDataset(records, xray_transforms(encoder, image_size, train=True, with_label=False), cache=cache,
-                          cache_dir=cache_dir)
+    dataset = XrayDataset(
+        records, xray_transforms(encoder, image_size, train=True, with_label=False), cache=cache, cache_dir=cache_dir
+    )
     rates = []
     for _ in range(passes):
         loader = data_loader(dataset, batch_size, num_workers=workers)
@@ -235,7 +245,13 @@ def data_pipeline_report(records: list[dict], image_size: int, workers: int = 2)
     decoded, resized images (MONAI ``PersistentDataset``) being filled and then read."""
     plain = pipeline_images_per_second(records, image_size, workers)[0]
     with tempfile.TemporaryDirectory() as cache_dir:
-        fill, cached = pipeline_images_per_second(records, image_size, workers, cache="disk", cache_dir=cache_dir,
-                                                  passes=2)
-    return {"images": len(records), "workers": workers, "decode_img_s": plain, "cache_fill_img_s": fill,
-            "cache_read_img_s": cached}
+        fill, cached = pipeline_images_per_second(
+            records, image_size, workers, cache="disk", cache_dir=cache_dir, passes=2
+        )
+    return {
+        "images": len(records),
+        "workers": workers,
+        "decode_img_s": plain,
+        "cache_fill_img_s": fill,
+        "cache_read_img_s": cached,
+    }

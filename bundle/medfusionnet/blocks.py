@@ -51,8 +51,9 @@ class TransformerBlock(nn.Module):
     Uses `torch.nn.MultiheadAttention`, which takes PyTorch's fused scaled-dot-product attention kernels.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout_rate: float = 0.0,
-                 drop_path_rate: float = 0.0):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout_rate: float = 0.0, drop_path_rate: float = 0.0
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout_rate, batch_first=True)
@@ -129,8 +130,9 @@ class TokensToConv(nn.Module):
         self.scale = (
             nn.Parameter(torch.full((out_channels, 1, 1), float(layer_scale))) if layer_scale is not None else None
         )
-        self.proj = nn.Sequential(nn.Conv2d(dim, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
-                                  nn.ReLU(inplace=True))
+        self.proj = nn.Sequential(
+            nn.Conv2d(dim, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+        )
         self.conv_r = nn.Sequential(nn.Conv2d(out_channels, hidden, 1), nn.ReLU(inplace=True))
         self.conv_s = nn.Sequential(nn.Conv2d(hidden, hidden, 1), nn.Sigmoid())
         self.conv_out = nn.Conv2d(hidden, out_channels, 1)
@@ -182,8 +184,9 @@ class LabelDecoderLayer(nn.Module):
     Pre-norm layer on queries ``(B, K, D)`` and memory ``(B, M, D)``; returns ``(B, K, D)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, relational: bool = True, mlp_ratio: float = 4.0,
-                 dropout_rate: float = 0.0):
+    def __init__(
+        self, dim: int, num_heads: int, relational: bool = True, mlp_ratio: float = 4.0, dropout_rate: float = 0.0
+    ):
         super().__init__()
         self.relational = relational
         self.norm_self = nn.LayerNorm(dim)
@@ -237,8 +240,9 @@ class ClassReweighting(nn.Module):
         return x * self.gains().unsqueeze(0).unsqueeze(-1)
 
 
-def class_prior(label_counts: Optional[List[float]], num_classes: int, power: float = 0.5,
-                max_gain: float = 3.0) -> torch.Tensor:
+def class_prior(
+    label_counts: Optional[List[float]], num_classes: int, power: float = 0.5, max_gain: float = 3.0
+) -> torch.Tensor:
     """Initial gains from training positives per label: ``(1 / frequency) ** power`` normalised to mean 1 and
     clipped to ``[1 / max_gain, max_gain]``; all ones without counts. ``power`` 0.5 moderates the ~100x spread of
     ChestX-ray14's frequencies."""

@@ -51,8 +51,12 @@ def friedman_test(scores: np.ndarray, names: Sequence[str]) -> dict:
     r = ranks(scores)
     statistic, p_value = stats.friedmanchisquare(*scores.T)
     return {
-        "blocks": int(n), "models": list(names), "statistic": float(statistic), "p_value": float(p_value),
-        "mean_ranks": dict(zip(names, r.mean(axis=0).tolist())), "rank_sums": dict(zip(names, r.sum(axis=0).tolist())),
+        "blocks": int(n),
+        "models": list(names),
+        "statistic": float(statistic),
+        "p_value": float(p_value),
+        "mean_ranks": dict(zip(names, r.mean(axis=0).tolist())),
+        "rank_sums": dict(zip(names, r.sum(axis=0).tolist())),
     }
 
 
@@ -67,8 +71,12 @@ def nemenyi_pairs(mean_ranks: dict, num_blocks: int, alpha: float = 0.05) -> dic
     """Every pair of models with its mean-rank difference and whether it exceeds the critical difference."""
     cd = nemenyi_critical_difference(len(mean_ranks), num_blocks, alpha)
     pairs = [
-        {"a": a, "b": b, "rank_difference": abs(mean_ranks[a] - mean_ranks[b]),
-         "significant": bool(abs(mean_ranks[a] - mean_ranks[b]) > cd)}
+        {
+            "a": a,
+            "b": b,
+            "rank_difference": abs(mean_ranks[a] - mean_ranks[b]),
+            "significant": bool(abs(mean_ranks[a] - mean_ranks[b]) > cd),
+        }
         for a, b in combinations(mean_ranks, 2)
     ]
     return {"alpha": alpha, "critical_difference": cd, "pairs": pairs}
@@ -95,7 +103,13 @@ def wilcoxon_holm(scores: np.ndarray, names: Sequence[str], alpha: float = 0.05)
         raw.append(1.0 if np.allclose(diff, 0) else float(stats.wilcoxon(scores[:, i], scores[:, j]).pvalue))
     adjusted = holm(raw)
     return [
-        {"a": names[i], "b": names[j], "p_value": p, "p_holm": float(q), "significant": bool(q < alpha),
-         "median_difference": float(np.median(scores[:, i] - scores[:, j]))}
+        {
+            "a": names[i],
+            "b": names[j],
+            "p_value": p,
+            "p_holm": float(q),
+            "significant": bool(q < alpha),
+            "median_difference": float(np.median(scores[:, i] - scores[:, j])),
+        }
         for (i, j), p, q in zip(pairs, raw, adjusted)
     ]

@@ -138,8 +138,16 @@ def warn_unusable_fields(path: str, table: pd.DataFrame) -> None:
         bad = (text != "") & text.map(unusable)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            logger.warning("%s: %d row(s) have %s '%s' (e.g. line %d: '%s'%s); encoded as missing",
-                           path, int(bad.sum()), kind, column, i + 2, text.iloc[i], known)
+            logger.warning(
+                "%s: %d row(s) have %s '%s' (e.g. line %d: '%s'%s); encoded as missing",
+                path,
+                int(bad.sum()),
+                kind,
+                column,
+                i + 2,
+                text.iloc[i],
+                known,
+            )
 
 
 def as_paths(value) -> list[str]:
@@ -171,8 +179,11 @@ def read_nih_csvs(paths: list[str], labels=LABELS) -> pd.DataFrame:
                     f"'{row[KEY_NAME]}' is listed in {where} and in {path} with a different patient or findings"
                 )
         if repeated.any():
-            logger.info("%d image(s) of %s are already listed in an earlier labels_csv; the first row is kept",
-                        int(repeated.sum()), path)
+            logger.info(
+                "%d image(s) of %s are already listed in an earlier labels_csv; the first row is kept",
+                int(repeated.sum()),
+                path,
+            )
         kept = frame[~repeated]
         merged = pd.concat([merged, kept], ignore_index=True)
         source = pd.concat([source, pd.Series(path, index=kept.index)], ignore_index=True)
@@ -320,8 +331,9 @@ def datalist_records(datalist: str, tabular_csv: str | None = None, key: str = "
     return _with_tabular(records, tabular_csv)
 
 
-def inference_records(input_dir: str | None = None, tabular_csv: str | None = None,
-                      datalist: str | None = None) -> list[dict]:
+def inference_records(
+    input_dir: str | None = None, tabular_csv: str | None = None, datalist: str | None = None
+) -> list[dict]:
     """`datalist_records` when ``datalist`` is given, else `folder_records` of ``input_dir``."""
     if datalist:
         return datalist_records(datalist, tabular_csv)
@@ -340,8 +352,12 @@ def _with_tabular(records: list[dict], tabular_csv: str | None) -> list[dict]:
         raise ValueError(f"{tabular_csv}: missing required column '{COL_IMAGE}'; found {list(table.columns)}")
     warn_unusable_fields(tabular_csv, table)
     rows = {
-        r[COL_IMAGE].strip(): {KEY_AGE: r.get(COL_AGE), KEY_SEX: r.get(COL_SEX), KEY_VIEW: r.get(COL_VIEW),
-                               KEY_FOLLOW_UP: r.get(COL_FOLLOW_UP)}
+        r[COL_IMAGE].strip(): {
+            KEY_AGE: r.get(COL_AGE),
+            KEY_SEX: r.get(COL_SEX),
+            KEY_VIEW: r.get(COL_VIEW),
+            KEY_FOLLOW_UP: r.get(COL_FOLLOW_UP),
+        }
         for _, r in table.iterrows()
     }
     out, unmatched = [], []
@@ -352,8 +368,13 @@ def _with_tabular(records: list[dict], tabular_csv: str | None) -> list[dict]:
             unmatched.append(name)
         out.append({**(row or {}), **{k: v for k, v in record.items() if v is not None}})
     if unmatched:
-        logger.warning("%d image(s) have no row in %s (e.g. %s); their tabular fields come from the DICOM header "
-                       "or are encoded as missing", len(unmatched), tabular_csv, unmatched[0])
+        logger.warning(
+            "%d image(s) have no row in %s (e.g. %s); their tabular fields come from the DICOM header "
+            "or are encoded as missing",
+            len(unmatched),
+            tabular_csv,
+            unmatched[0],
+        )
     return out
 
 
@@ -430,7 +451,10 @@ def prepare_datasets(
     if missing:
         logger.warning(
             "%d image(s) listed in %s are missing from %s and are skipped (e.g. %s)",
-            len(missing), labels_csv, images_dir, ", ".join(missing[:3]),
+            len(missing),
+            labels_csv,
+            images_dir,
+            ", ".join(missing[:3]),
         )
     on_disk = {f for folder in folders for f in os.listdir(folder) if imaging.is_supported(f)}
     unlisted = len(on_disk - set(frame[KEY_NAME]))

@@ -50,8 +50,10 @@ class RiskTierRule:
 
     def describe(self) -> str:
         """The rule in words, written next to the outputs."""
-        return (f"high: any of {sorted(self.urgent)} or at least {self.several} findings at or above their "
-                "thresholds; medium: any one finding; low: none")
+        return (
+            f"high: any of {sorted(self.urgent)} or at least {self.several} findings at or above their "
+            "thresholds; medium: any one finding; low: none"
+        )
 
 
 class TemperatureScaling:
@@ -69,8 +71,9 @@ class TemperatureScaling:
         logits = torch.as_tensor(np.asarray(logits, dtype=np.float64))
         y = torch.as_tensor(np.asarray(y, dtype=np.float64))
         if logits.shape != y.shape or logits.shape[1] != len(self.labels):
-            raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(y.shape)} must both be (N, "
-                             f"{len(self.labels)})")
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and labels {tuple(y.shape)} must both be (N, " f"{len(self.labels)})"
+            )
         both = (y.min(0).values == 0) & (y.max(0).values == 1)
         log_t = torch.zeros(len(self.labels), dtype=torch.float64, requires_grad=True)
         optimiser = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
@@ -94,8 +97,12 @@ class TemperatureScaling:
 
     def save(self, path: str) -> None:
         """Write ``{"temperatures": {finding: T}}`` as JSON."""
-        write_text_atomic(path, json.dumps({"method": "temperature_scaling",
-                                            "temperatures": dict(zip(self.labels, self.temperatures_))}, indent=2))
+        write_text_atomic(
+            path,
+            json.dumps(
+                {"method": "temperature_scaling", "temperatures": dict(zip(self.labels, self.temperatures_))}, indent=2
+            ),
+        )
 
     @classmethod
     def load(cls, path: str, labels: Sequence[str] = LABELS) -> TemperatureScaling:

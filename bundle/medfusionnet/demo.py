@@ -93,8 +93,15 @@ def make_demo_dataset(root: str, num_patients: int = 160, image_size: int = 96, 
             Image.fromarray(pixels, mode="L").save(os.path.join(tmp, "images", name))
             findings = "|".join(LABELS[k] for k in np.flatnonzero(labels)) or NO_FINDING
             rows.append(
-                {COL_IMAGE: name, COL_FINDINGS: findings, COL_FOLLOW_UP: follow_up, COL_PATIENT: patient,
-                 COL_AGE: age, COL_SEX: sex, COL_VIEW: view}
+                {
+                    COL_IMAGE: name,
+                    COL_FINDINGS: findings,
+                    COL_FOLLOW_UP: follow_up,
+                    COL_PATIENT: patient,
+                    COL_AGE: age,
+                    COL_SEX: sex,
+                    COL_VIEW: view,
+                }
             )
     pd.DataFrame(rows).to_csv(os.path.join(tmp, "Data_Entry_2017.csv"), index=False)
     with open(os.path.join(tmp, "demo.json"), "w") as f:

@@ -38,8 +38,16 @@ METHODS: tuple[str, ...] = ("gradcam", "gradcampp", "lrp")
 # NIH spells one finding differently in the box list.
 BOX_FINDING_NAMES = {"Infiltrate": "Infiltration"}
 NIH_BOX_FRAME = 1024  # NIH box coordinates are pixels of the 1024 x 1024 PNGs
-LOCALISATION_KEYS: tuple[str, ...] = ("adapted_rand_error", "rand_precision", "rand_recall", "false_splits",
-                                      "false_merges", "iou", "iobb", "pointing_hit")
+LOCALISATION_KEYS: tuple[str, ...] = (
+    "adapted_rand_error",
+    "rand_precision",
+    "rand_recall",
+    "false_splits",
+    "false_merges",
+    "iou",
+    "iobb",
+    "pointing_hit",
+)
 
 
 # --------------------------------------------------------------------------------------------------------- maps
@@ -57,8 +65,14 @@ def cam_layers(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def gradcam(model: nn.Module, image: torch.Tensor, class_idx: int, tabular: torch.Tensor | None = None,
-            layer: str = "cnn", plus: bool = False) -> torch.Tensor:
+def gradcam(
+    model: nn.Module,
+    image: torch.Tensor,
+    class_idx: int,
+    tabular: torch.Tensor | None = None,
+    layer: str = "cnn",
+    plus: bool = False,
+) -> torch.Tensor:
     """Grad-CAM (or Grad-CAM++ with ``plus``) of finding ``class_idx``: ``(B, 1, H, W)`` in [0, 1] at input size.
 
     ``layer`` is a `CAM_LAYERS` target (``cnn``, ``c2t``, ``t2c``) or a module name of ``model``.
@@ -70,8 +84,9 @@ def gradcam(model: nn.Module, image: torch.Tensor, class_idx: int, tabular: torc
     cams = model.__dict__.setdefault("_explain_cams", {})  # MONAI's CAMs add hooks that are never removed: reuse
     if (name, plus) not in cams:
         # MONAI's default post-processing maps the maximum to 0; here 1 stays the strongest evidence
-        cams[(name, plus)] = (GradCAMpp if plus else GradCAM)(nn_module=model, target_layers=name,
-                                                             postprocessing=_min_max)
+        cams[(name, plus)] = (GradCAMpp if plus else GradCAM)(
+            nn_module=model, target_layers=name, postprocessing=_min_max
+        )
     cam = cams[(name, plus)]
     maps = []
     with torch.enable_grad():
@@ -113,8 +128,9 @@ class LayerwiseRelevance:
         self.model = model
         self.epsilon = epsilon
         cnn_prefixes = ("stem.", "features.") + tuple(f"stages.{i}.cnn." for i in range(4))
-        self.zplus = {m for name, m in model.named_modules()
-                      if isinstance(m, nn.Conv2d) and name.startswith(cnn_prefixes)}
+        self.zplus = {
+            m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name.startswith(cnn_prefixes)
+        }
 
     def _hook(self, module: nn.Module, inputs, output):
         if module in self.zplus:  # z+: only the positive weights, no bias
@@ -129,8 +145,11 @@ class LayerwiseRelevance:
         logit through the CNN path; positive = evidence for the finding)."""
         was_training = self.model.training
         self.model.eval()
-        handles = [m.register_forward_hook(self._hook) for m in self.model.modules()
-                   if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+        handles = [
+            m.register_forward_hook(self._hook)
+            for m in self.model.modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))
+        ]
         try:
             with torch.enable_grad():
                 x = image.detach().clone().requires_grad_(True)
@@ -143,8 +162,14 @@ class LayerwiseRelevance:
             self.model.train(was_training)
 
 
-def explanation_map(model: nn.Module, method: str, image: torch.Tensor, class_idx: int,
-                    tabular: torch.Tensor | None = None, layer: str = "cnn") -> torch.Tensor:
+def explanation_map(
+    model: nn.Module,
+    method: str,
+    image: torch.Tensor,
+    class_idx: int,
+    tabular: torch.Tensor | None = None,
+    layer: str = "cnn",
+) -> torch.Tensor:
     """``(B, 1, H, W)`` map of ``method`` (`METHODS`): Grad-CAM maps in [0, 1], LRP relevance unnormalised."""
     if method not in METHODS:
         raise ValueError(f"method '{method}' is not supported; use one of {METHODS}")
@@ -180,8 +205,9 @@ def read_boxes(path) -> pd.DataFrame:
     """
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     if frame.shape[1] < 6:
-        raise ValueError(f"{path}: expected 6 columns (Image Index, Finding Label, x, y, w, h); found "
-                         f"{list(frame.columns)}")
+        raise ValueError(
+            f"{path}: expected 6 columns (Image Index, Finding Label, x, y, w, h); found " f"{list(frame.columns)}"
+        )
     frame = frame.iloc[:, :6]
     frame.columns = ["name", "finding", "x", "y", "w", "h"]
     frame["name"] = frame["name"].str.strip()
@@ -191,8 +217,10 @@ def read_boxes(path) -> pd.DataFrame:
         bad = ~np.isfinite(values.to_numpy(dtype=np.float64)) | (values <= 0 if column in "wh" else values < 0)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValueError(f"{path}: line {i + 2} ('{frame['name'].iloc[i]}'): box {column} = "
-                             f"'{frame[column].iloc[i]}' is not a valid coordinate")
+            raise ValueError(
+                f"{path}: line {i + 2} ('{frame['name'].iloc[i]}'): box {column} = "
+                f"'{frame[column].iloc[i]}' is not a valid coordinate"
+            )
         frame[column] = values.astype(np.float64)
     unknown = ~frame["finding"].isin(LABELS)
     if unknown.any():
@@ -252,10 +280,16 @@ def localisation_scores(saliency: np.ndarray, truth: np.ndarray, threshold: floa
     overlap = float((mask & inside).sum())
     union = float((mask | inside).sum())
     peak = map_peak(m)
-    return {"adapted_rand_error": float(error), "rand_precision": float(precision), "rand_recall": float(recall),
-            "false_splits": float(splits), "false_merges": float(merges),
-            "iou": overlap / union if union else 0.0, "iobb": overlap / float(mask.sum()) if mask.any() else 0.0,
-            "pointing_hit": float(inside[peak]) if m.max() > 0 else 0.0}
+    return {
+        "adapted_rand_error": float(error),
+        "rand_precision": float(precision),
+        "rand_recall": float(recall),
+        "false_splits": float(splits),
+        "false_merges": float(merges),
+        "iou": overlap / union if union else 0.0,
+        "iobb": overlap / float(mask.sum()) if mask.any() else 0.0,
+        "pointing_hit": float(inside[peak]) if m.max() > 0 else 0.0,
+    }
 
 
 def map_peak(saliency: np.ndarray) -> tuple[int, int]:
@@ -281,8 +315,7 @@ class LocalisationMetric(CumulativeIterationMetric):
             raise ValueError("LocalisationMetric needs the box label maps as y")
         rows = []
         for pred, truth in zip(y_pred, y):
-            scores = localisation_scores(pred[0].detach().float().cpu().numpy(), truth[0].cpu().numpy(),
-                                         self.threshold)
+            scores = localisation_scores(pred[0].detach().float().cpu().numpy(), truth[0].cpu().numpy(), self.threshold)
             rows.append([scores[k] for k in LOCALISATION_KEYS])
         return torch.tensor(rows, dtype=torch.float64)
 

@@ -76,8 +76,14 @@ def randomised_copy(network_args: dict, seed: int = 12345) -> torch.nn.Module:
         torch.random.set_rng_state(state)
 
 
-def save_overlay(path: str, image: np.ndarray, saliency: np.ndarray, title: str, signed: bool = False,
-                 boxes: Sequence[Sequence[float]] = ()) -> None:
+def save_overlay(
+    path: str,
+    image: np.ndarray,
+    saliency: np.ndarray,
+    title: str,
+    signed: bool = False,
+    boxes: Sequence[Sequence[float]] = (),
+) -> None:
     """PNG of ``saliency`` over the X-ray (jet: blue low, red high; ``signed`` maps such as LRP in blue-white-red,
     red = evidence for the finding), with boxes ``(x0, y0, x1, y1)`` in green."""
     import matplotlib
@@ -116,11 +122,22 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def explain_images(model_dir: str, inputs: str, output_dir: str, tabular_csv: str | None = None,
-                   findings: Sequence[str] | None = None, methods: Sequence[str] = ("gradcam", "lrp"),
-                   layers: Sequence[str] = ("cnn",), boxes_csv: str | None = None,
-                   box_frame: int = explain.NIH_BOX_FRAME, map_threshold: float = 0.5, random_maps: int = 20,
-                   sanity: bool = True, device: str | torch.device = "cpu", seed: int = 0) -> dict:
+def explain_images(
+    model_dir: str,
+    inputs: str,
+    output_dir: str,
+    tabular_csv: str | None = None,
+    findings: Sequence[str] | None = None,
+    methods: Sequence[str] = ("gradcam", "lrp"),
+    layers: Sequence[str] = ("cnn",),
+    boxes_csv: str | None = None,
+    box_frame: int = explain.NIH_BOX_FRAME,
+    map_threshold: float = 0.5,
+    random_maps: int = 20,
+    sanity: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict:
     """Explain every image under ``inputs`` (a folder, or one file) with a trained model; returns the summary.
 
     Findings explained per image: ``findings`` when given; otherwise those at or above their saved threshold (the
@@ -173,59 +190,102 @@ def explain_images(model_dir: str, inputs: str, output_dir: str, tabular_csv: st
         chosen = list(dict.fromkeys(chosen + list(image_boxes)))
         for finding in chosen:
             c = LABELS.index(finding)
-            truth = (explain.box_labels(image_boxes[finding], (box_frame, box_frame), image_size)
-                     if finding in image_boxes else None)
+            truth = (
+                explain.box_labels(image_boxes[finding], (box_frame, box_frame), image_size)
+                if finding in image_boxes
+                else None
+            )
             drawn = [explain.rescale_box(b, (box_frame, box_frame), image_size) for b in image_boxes.get(finding, [])]
             for method, layer in pairs:
                 saliency = explain.explanation_map(network, method, image, c, tabular, layer)[0, 0].cpu().numpy()
                 tag = method if method == "lrp" else f"{method}_{layer}"
                 stem = _safe(f"{os.path.splitext(name)[0]}_{finding}_{tag}")
                 np.save(os.path.join(output_dir, "maps", stem + ".npy"), saliency.astype(np.float32))
-                save_overlay(os.path.join(output_dir, "overlays", stem + ".png"), image[0, 0].cpu().numpy(),
-                             saliency, f"{name}\n{finding} p={probs[c]:.3f} ({method}"
-                             + ("" if method == "lrp" else f", {layer}") + ")", signed=method == "lrp", boxes=drawn)
-                row = {"name": name, "finding": finding, "probability": float(probs[c]), "method": method,
-                       "layer": layer, "map": f"maps/{stem}.npy", "overlay": f"overlays/{stem}.png",
-                       "constant_map": bool(np.ptp(saliency) == 0)}
+                save_overlay(
+                    os.path.join(output_dir, "overlays", stem + ".png"),
+                    image[0, 0].cpu().numpy(),
+                    saliency,
+                    f"{name}\n{finding} p={probs[c]:.3f} ({method}" + ("" if method == "lrp" else f", {layer}") + ")",
+                    signed=method == "lrp",
+                    boxes=drawn,
+                )
+                row = {
+                    "name": name,
+                    "finding": finding,
+                    "probability": float(probs[c]),
+                    "method": method,
+                    "layer": layer,
+                    "map": f"maps/{stem}.npy",
+                    "overlay": f"overlays/{stem}.png",
+                    "constant_map": bool(np.ptp(saliency) == 0),
+                }
                 if random_net is not None:
                     randomised = explain.explanation_map(random_net, method, image, c, tabular, layer)
                     row["randomised_spearman"] = explain.map_similarity(saliency, randomised[0, 0].cpu().numpy())
                 rows.append(row)
                 if truth is not None:
-                    loc_rows.append({"name": name, "finding": finding, "method": method, "layer": layer,
-                                     **explain.localisation_scores(saliency, truth, map_threshold)})
+                    loc_rows.append(
+                        {
+                            "name": name,
+                            "finding": finding,
+                            "method": method,
+                            "layer": layer,
+                            **explain.localisation_scores(saliency, truth, map_threshold),
+                        }
+                    )
             if truth is not None:
                 for k in range(random_maps):
                     noise = explain.random_map(truth.shape, rng, sigma=image_size / 32)
-                    loc_rows.append({"name": name, "finding": finding, "method": "random", "layer": f"seed{k}",
-                                     **explain.localisation_scores(noise, truth, map_threshold)})
+                    loc_rows.append(
+                        {
+                            "name": name,
+                            "finding": finding,
+                            "method": "random",
+                            "layer": f"seed{k}",
+                            **explain.localisation_scores(noise, truth, map_threshold),
+                        }
+                    )
     summary = _summarise(rows, loc_rows, skipped, model_dir, map_threshold)
     _write_csv(os.path.join(output_dir, "explanations.csv"), rows)
     if loc_rows:
         _write_csv(os.path.join(output_dir, "localisation.csv"), loc_rows)
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    logger.info("explained %d image(s) (%d map(s), %d skipped) into %s", len(records) - len(skipped), len(rows),
-                len(skipped), output_dir)
+    logger.info(
+        "explained %d image(s) (%d map(s), %d skipped) into %s",
+        len(records) - len(skipped),
+        len(rows),
+        len(skipped),
+        output_dir,
+    )
     return summary
 
 
 def _summarise(rows: list, loc_rows: list, skipped: list, model_dir: str, map_threshold: float) -> dict:
-    summary: dict = {"model_dir": os.path.abspath(model_dir), "maps": len(rows), "skipped": skipped,
-                     "map_threshold": map_threshold, "constant_maps": sum(r["constant_map"] for r in rows)}
+    summary: dict = {
+        "model_dir": os.path.abspath(model_dir),
+        "maps": len(rows),
+        "skipped": skipped,
+        "map_threshold": map_threshold,
+        "constant_maps": sum(r["constant_map"] for r in rows),
+    }
     methods = sorted({(r["method"], r["layer"]) for r in rows})
     if rows and "randomised_spearman" in rows[0]:
         summary["randomisation_check"] = {
-            f"{m}:{lay}": float(np.mean([r["randomised_spearman"] for r in rows
-                                         if (r["method"], r["layer"]) == (m, lay)])) for m, lay in methods}
+            f"{m}:{lay}": float(
+                np.mean([r["randomised_spearman"] for r in rows if (r["method"], r["layer"]) == (m, lay)])
+            )
+            for m, lay in methods
+        }
     if loc_rows:
         groups: dict = {}
         for r in loc_rows:
             key = "random" if r["method"] == "random" else f"{r['method']}:{r['layer']}"
             groups.setdefault(key, []).append(r)
-        summary["localisation"] = {key: {"maps": len(g), **{k: float(np.mean([r[k] for r in g]))
-                                                            for k in explain.LOCALISATION_KEYS}}
-                                   for key, g in groups.items()}
+        summary["localisation"] = {
+            key: {"maps": len(g), **{k: float(np.mean([r[k] for r in g])) for k in explain.LOCALISATION_KEYS}}
+            for key, g in groups.items()
+        }
     return summary
 
 
@@ -246,9 +306,18 @@ class LocalisationHandler:
     ``image_size``).
     """
 
-    def __init__(self, boxes_csv: str, output_dir: str, image_size: int, method: str = "gradcam",
-                 layer: str = "cnn", map_threshold: float = 0.5, box_frame: int = explain.NIH_BOX_FRAME,
-                 random_maps: int = 20, seed: int = 0):
+    def __init__(
+        self,
+        boxes_csv: str,
+        output_dir: str,
+        image_size: int,
+        method: str = "gradcam",
+        layer: str = "cnn",
+        map_threshold: float = 0.5,
+        box_frame: int = explain.NIH_BOX_FRAME,
+        random_maps: int = 20,
+        seed: int = 0,
+    ):
         self.boxes = boxes_by_image(boxes_csv)
         self.output_dir = output_dir
         self.image_size = int(image_size)
@@ -281,8 +350,9 @@ class LocalisationHandler:
             for finding, boxes in image_boxes.items():
                 truth = explain.box_labels(boxes, (self.box_frame, self.box_frame), self.image_size)
                 truth_t = torch.from_numpy(truth)[None, None]
-                saliency = explain.explanation_map(network, self.method, image.float(), LABELS.index(finding),
-                                                   tabular.float(), self.layer)
+                saliency = explain.explanation_map(
+                    network, self.method, image.float(), LABELS.index(finding), tabular.float(), self.layer
+                )
                 self.metric(y_pred=saliency.cpu(), y=truth_t)
                 for _ in range(self.random_maps):
                     noise = explain.random_map(truth.shape, self.rng, sigma=self.image_size / 32)
@@ -296,10 +366,20 @@ class LocalisationHandler:
             engine.state.metrics[f"random_{key}"] = value
         if is_main_process():
             os.makedirs(self.output_dir, exist_ok=True)
-            report = {"method": self.method, "layer": self.layer, "map_threshold": self.metric.threshold,
-                      "scores": scores, "random_baseline": random}
+            report = {
+                "method": self.method,
+                "layer": self.layer,
+                "map_threshold": self.metric.threshold,
+                "scores": scores,
+                "random_baseline": random,
+            }
             with open(os.path.join(self.output_dir, "localisation.json"), "w") as f:
                 json.dump(report, f, indent=2)
-            logger.info("localisation (%s, %s) over %d map(s): pointing game %.3f (random %.3f)", self.method,
-                        self.layer, scores.get("count", 0), scores.get("pointing_hit", float("nan")),
-                        random.get("pointing_hit", float("nan")))
+            logger.info(
+                "localisation (%s, %s) over %d map(s): pointing game %.3f (random %.3f)",
+                self.method,
+                self.layer,
+                scores.get("count", 0),
+                scores.get("pointing_hit", float("nan")),
+                random.get("pointing_hit", float("nan")),
+            )

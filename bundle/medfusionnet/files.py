@@ -21,8 +21,9 @@ def _write_atomic(path, mode: str, write: Callable[[IO], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         hint = " (disk full)" if e.errno == errno.ENOSPC else ""
-        raise OSError(e.errno, f"could not save {path}{hint}: {e.strerror or e}; the previous file is kept",
-                      path) from e
+        raise OSError(
+            e.errno, f"could not save {path}{hint}: {e.strerror or e}; the previous file is kept", path
+        ) from e
 
 
 def write_text_atomic(path, text: str) -> None:

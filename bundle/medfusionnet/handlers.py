@@ -207,8 +207,10 @@ class MetricsReport(_OutputCollector):
                 "expected_calibration_error": float(before.mean()),
                 "expected_calibration_error_calibrated": float(after.mean()),
                 "fitted_on_this_data": self.thresholds is None,
-                "per_class": {label: {"ece": float(b), "ece_calibrated": float(a), "temperature": t}
-                              for label, b, a, t in zip(self.labels, before, after, scaler.temperatures_)},
+                "per_class": {
+                    label: {"ece": float(b), "ece_calibrated": float(a), "temperature": t}
+                    for label, b, a, t in zip(self.labels, before, after, scaler.temperatures_)
+                },
             }
         write_text_atomic(os.path.join(self.output_dir, "metrics.json"), json.dumps(report, indent=2))
         columns = list(next(iter(report["per_class"].values())).keys())
@@ -226,7 +228,11 @@ class MetricsReport(_OutputCollector):
             plot_roc_curves(os.path.join(self.output_dir, "roc.png"), y_prob, y, self.labels, report)
         logger.info(
             "epoch %d: mean AUC %.4f over %d images (%s written to %s)",
-            report["epoch"], report["mean"]["auc"], report["num_images"], "metrics.json", self.output_dir,
+            report["epoch"],
+            report["mean"]["auc"],
+            report["num_images"],
+            "metrics.json",
+            self.output_dir,
         )
 
 
@@ -287,9 +293,15 @@ class DecisionWriter(_OutputCollector):
         labels: finding names.
     """
 
-    def __init__(self, output_dir: str, thresholds: Sequence[float] | None = None,
-                 calibration: TemperatureScaling | None = None, rule: RiskTierRule | None = None,
-                 records: Sequence[dict] = (), labels: Sequence[str] = LABELS):
+    def __init__(
+        self,
+        output_dir: str,
+        thresholds: Sequence[float] | None = None,
+        calibration: TemperatureScaling | None = None,
+        rule: RiskTierRule | None = None,
+        records: Sequence[dict] = (),
+        labels: Sequence[str] = LABELS,
+    ):
         super().__init__(labels)
         self.output_dir = output_dir
         self.thresholds = np.asarray(thresholds if thresholds is not None else [0.5] * len(labels), dtype=float)
@@ -312,10 +324,16 @@ class DecisionWriter(_OutputCollector):
         decisions = probs >= self.thresholds
         items = []
         for (name, _, _), p, d in zip(rows, shown, decisions):
-            items.append({"image": name, "status": "ok", "tier": self.rule(d),
-                          "findings": [label for label, x in zip(self.labels, d) if x],
-                          "probabilities": {label: round(float(v), 6) for label, v in zip(self.labels, p)},
-                          "decisions": {label: bool(x) for label, x in zip(self.labels, d)}})
+            items.append(
+                {
+                    "image": name,
+                    "status": "ok",
+                    "tier": self.rule(d),
+                    "findings": [label for label, x in zip(self.labels, d) if x],
+                    "probabilities": {label: round(float(v), 6) for label, v in zip(self.labels, p)},
+                    "decisions": {label: bool(x) for label, x in zip(self.labels, d)},
+                }
+            )
         seen = {r[0] for r in rows}
         for record in self.records:
             if str(record[KEY_NAME]) in seen:
@@ -328,25 +346,49 @@ class DecisionWriter(_OutputCollector):
             items.append({"image": str(record[KEY_NAME]), "status": "unreadable", "error": error})
         os.makedirs(self.output_dir, exist_ok=True)
         # thresholds on the reported (calibrated) scale: a decision is true exactly when probability >= threshold
-        shown_thresholds = (self.calibration.transform(probabilities_to_logits(self.thresholds[None]))[0]
-                            if self.calibration else self.thresholds)
-        document = {"rule": self.rule.describe(), "calibrated": self.calibration is not None,
-                    "thresholds": {label: round(float(t), 6) for label, t in zip(self.labels, shown_thresholds)},
-                    "images": items}
+        shown_thresholds = (
+            self.calibration.transform(probabilities_to_logits(self.thresholds[None]))[0]
+            if self.calibration
+            else self.thresholds
+        )
+        document = {
+            "rule": self.rule.describe(),
+            "calibrated": self.calibration is not None,
+            "thresholds": {label: round(float(t), 6) for label, t in zip(self.labels, shown_thresholds)},
+            "images": items,
+        }
         write_text_atomic(os.path.join(self.output_dir, "decisions.json"), json.dumps(document, indent=2))
         path = os.path.join(self.output_dir, "decisions.csv")
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["Image Index", "status", "tier", "findings", "error", *self.labels,
-                             *(f"{label}_decision" for label in self.labels)])
+            writer.writerow(
+                [
+                    "Image Index",
+                    "status",
+                    "tier",
+                    "findings",
+                    "error",
+                    *self.labels,
+                    *(f"{label}_decision" for label in self.labels),
+                ]
+            )
             for item in items:
                 if item["status"] == "ok":
-                    writer.writerow([item["image"], "ok", item["tier"], "|".join(item["findings"]), "",
-                                     *(f"{item['probabilities'][label]:.6f}" for label in self.labels),
-                                     *(int(item["decisions"][label]) for label in self.labels)])
+                    writer.writerow(
+                        [
+                            item["image"],
+                            "ok",
+                            item["tier"],
+                            "|".join(item["findings"]),
+                            "",
+                            *(f"{item['probabilities'][label]:.6f}" for label in self.labels),
+                            *(int(item["decisions"][label]) for label in self.labels),
+                        ]
+                    )
                 else:
-                    writer.writerow([item["image"], item["status"], "", "", item["error"],
-                                     *[""] * (2 * len(self.labels))])
+                    writer.writerow(
+                        [item["image"], item["status"], "", "", item["error"], *[""] * (2 * len(self.labels))]
+                    )
         bad = sum(item["status"] != "ok" for item in items)
         logger.info("wrote decisions for %d image(s) (%d unreadable) to %s", len(items), bad, path)
 

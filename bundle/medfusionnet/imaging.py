@@ -37,9 +37,12 @@ class UnreadableImageError(OSError):
     """An image file that cannot be decoded into a 2-D X-ray; the message names the file and the reason."""
 
     def __init__(self, path: str, reason: str):
-        super().__init__(f"cannot read image '{path}': {reason}")
+        super().__init__(str(path), reason)  # both kept in args, so the error pickles across worker processes
         self.path = str(path)
         self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot read image '{self.path}': {self.reason}"
 
 
 @dataclass
@@ -155,8 +158,11 @@ def _warn_unusable_header(path: str, header: dict) -> None:
     if path in _warned_headers:
         return
     if "age" in header and math.isnan(parse_age(header["age"])):
-        logger.warning("%s: PatientAge '%s' is not a valid age (nnnD/W/M/Y, at most 120 years); encoded as missing",
-                       path, header["age"])
+        logger.warning(
+            "%s: PatientAge '%s' is not a valid age (nnnD/W/M/Y, at most 120 years); encoded as missing",
+            path,
+            header["age"],
+        )
         _warned_headers.add(path)
     if "view" in header and parse_view(header["view"]) is None:
         logger.warning("%s: ViewPosition '%s' is neither PA nor AP; encoded as missing", path, header["view"])

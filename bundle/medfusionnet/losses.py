@@ -38,8 +38,14 @@ class AsymmetricLoss(nn.Module):
     gammas 0 and ``clip`` 0 it equals binary cross-entropy.
     """
 
-    def __init__(self, gamma_pos: float = 0.0, gamma_neg: float = 4.0, clip: float = 0.05,
-                 weight: torch.Tensor | None = None, eps: float = 1e-8):
+    def __init__(
+        self,
+        gamma_pos: float = 0.0,
+        gamma_neg: float = 4.0,
+        clip: float = 0.05,
+        weight: torch.Tensor | None = None,
+        eps: float = 1e-8,
+    ):
         super().__init__()
         self.gamma_pos, self.gamma_neg, self.clip, self.eps = gamma_pos, gamma_neg, clip, eps
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))

@@ -40,9 +40,7 @@ def nanmean(values) -> float:
 def roc_auc_per_class(y_prob, y) -> np.ndarray:
     """ROC-AUC per class (scikit-learn); NaN for a class whose targets are all 0 or all 1."""
     y_prob, y = _as_numpy(y_prob, y)
-    return np.array(
-        [roc_auc_score(y[:, c], y_prob[:, c]) if _defined(y[:, c]) else np.nan for c in range(y.shape[1])]
-    )
+    return np.array([roc_auc_score(y[:, c], y_prob[:, c]) if _defined(y[:, c]) else np.nan for c in range(y.shape[1])])
 
 
 def average_precision_per_class(y_prob, y) -> np.ndarray:

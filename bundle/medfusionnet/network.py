@@ -37,10 +37,30 @@ FUSIONS = ("attention", "concat")
 
 # Sizes: ``base`` has DenseNet-121's CNN and a ViT-Ti-wide transformer; ``tiny`` is for tests and CPU smoke runs.
 SIZES: Dict[str, dict] = {
-    "tiny": dict(init_features=16, growth_rate=8, block_config=(2, 2, 2, 2), bn_size=2, embed_dim=32,
-                 depth=(1, 1, 1, 1), num_heads=2, fpn_channels=32, decoder_depth=1, pool_size=4),
-    "base": dict(init_features=64, growth_rate=32, block_config=(6, 12, 24, 16), bn_size=4, embed_dim=192,
-                 depth=(1, 1, 1, 1), num_heads=3, fpn_channels=64, decoder_depth=2, pool_size=7),
+    "tiny": dict(
+        init_features=16,
+        growth_rate=8,
+        block_config=(2, 2, 2, 2),
+        bn_size=2,
+        embed_dim=32,
+        depth=(1, 1, 1, 1),
+        num_heads=2,
+        fpn_channels=32,
+        decoder_depth=1,
+        pool_size=4,
+    ),
+    "base": dict(
+        init_features=64,
+        growth_rate=32,
+        block_config=(6, 12, 24, 16),
+        bn_size=4,
+        embed_dim=192,
+        depth=(1, 1, 1, 1),
+        num_heads=3,
+        fpn_channels=64,
+        decoder_depth=2,
+        pool_size=7,
+    ),
 }
 
 
@@ -64,8 +84,14 @@ class HybridStage(nn.Module):
     ``(x (B, C, H, W), tokens (B, N, D), grid) -> (x', tokens', normalised token map (B, D, h, w))``.
     """
 
-    def __init__(self, cnn: Optional[nn.Module], transformer: Optional[nn.Module], norm: Optional[nn.Module],
-                 c2t: Optional[nn.Module], t2c: Optional[nn.Module]):
+    def __init__(
+        self,
+        cnn: Optional[nn.Module],
+        transformer: Optional[nn.Module],
+        norm: Optional[nn.Module],
+        c2t: Optional[nn.Module],
+        t2c: Optional[nn.Module],
+    ):
         super().__init__()
         self.cnn = cnn
         self.transformer = transformer
@@ -74,21 +100,24 @@ class HybridStage(nn.Module):
         self.t2c = t2c
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor, grid: List[int]
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, tokens: torch.Tensor, grid: List[int]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             return self._checkpointed(x, tokens, grid)
         return self._forward(x, tokens, grid)
 
     @torch.jit.unused
-    def _checkpointed(self, x: torch.Tensor, tokens: torch.Tensor, grid: List[int]
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _checkpointed(
+        self, x: torch.Tensor, tokens: torch.Tensor, grid: List[int]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # keeps only the stage's inputs and recomputes its activations in the backward pass; the RNG state is
         # restored for the recomputation, so dropout and drop-path draw the same masks twice
         return torch.utils.checkpoint.checkpoint(self._forward, x, tokens, grid, use_reentrant=False)
 
-    def _forward(self, x: torch.Tensor, tokens: torch.Tensor, grid: List[int]
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, x: torch.Tensor, tokens: torch.Tensor, grid: List[int]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.cnn is not None:
             x = self.cnn(x)
         token_map = tokens
@@ -187,8 +216,18 @@ class MedFusionNet(nn.Module):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion='{fusion}' is not supported; use one of {FUSIONS}")
         cfg = dict(SIZES[size])
-        cfg.update({k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads),
-                                      ("fpn_channels", fpn_channels)) if v})
+        cfg.update(
+            {
+                k: v
+                for k, v in (
+                    ("embed_dim", embed_dim),
+                    ("depth", depth),
+                    ("num_heads", num_heads),
+                    ("fpn_channels", fpn_channels),
+                )
+                if v
+            }
+        )
         dim, heads, pool = cfg["embed_dim"], cfg["num_heads"], cfg["pool_size"]
         self.num_classes = num_classes
         self.num_tabular_features = num_tabular_features
@@ -204,8 +243,15 @@ class MedFusionNet(nn.Module):
         refine = baseline_path and self.use_cnn
 
         # stem and CNN branch: MONAI's DenseNet, cut into its stem and 4 stages at strides 4, 8, 16, 32 (eqs. 1-2)
-        densenet = DenseNet(2, in_channels, num_classes, init_features=cfg["init_features"],
-                            growth_rate=cfg["growth_rate"], block_config=cfg["block_config"], bn_size=cfg["bn_size"])
+        densenet = DenseNet(
+            2,
+            in_channels,
+            num_classes,
+            init_features=cfg["init_features"],
+            growth_rate=cfg["growth_rate"],
+            block_config=cfg["block_config"],
+            bn_size=cfg["bn_size"],
+        )
         f = densenet.features
         self.stem = nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0)
         channels = _stage_channels(cfg["init_features"], cfg["growth_rate"], cfg["block_config"])
@@ -222,7 +268,8 @@ class MedFusionNet(nn.Module):
         needs_patches = self.use_transformer or not self.use_cnn
         self.patch_embed = (
             PatchEmbed(cfg["init_features"], dim, patch_size, max(image_size // (4 * patch_size), 1))
-            if needs_patches else None
+            if needs_patches
+            else None
         )
         rates = torch.linspace(0, drop_path_rate, max(sum(cfg["depth"]), 1)).tolist()
         self.stages = nn.ModuleList()
@@ -231,13 +278,19 @@ class MedFusionNet(nn.Module):
             blocks = [TransformerBlock(dim, heads, mlp_ratio, dropout_rate, rates[start + j]) for j in range(d)]
             start += d
             interact = self.interaction and i > 0
-            self.stages.append(HybridStage(
-                cnn=cnn_stages[i] if self.use_cnn else None,
-                transformer=nn.Sequential(*blocks) if self.use_transformer else None,
-                norm=nn.LayerNorm(dim) if self.use_transformer and (fpn or i == 3) else None,
-                c2t=ConvToTokens(channels[i], dim) if interact else None,
-                t2c=TokensToConv(dim, channels[i], layer_scale=0.0 if refine else None) if interact and i < 3 else None,
-            ))
+            self.stages.append(
+                HybridStage(
+                    cnn=cnn_stages[i] if self.use_cnn else None,
+                    transformer=nn.Sequential(*blocks) if self.use_transformer else None,
+                    norm=nn.LayerNorm(dim) if self.use_transformer and (fpn or i == 3) else None,
+                    c2t=ConvToTokens(channels[i], dim) if interact else None,
+                    t2c=(
+                        TokensToConv(dim, channels[i], layer_scale=0.0 if refine else None)
+                        if interact and i < 3
+                        else None
+                    ),
+                )
+            )
 
         # feature pyramids, pooled to image tokens with a level embedding each
         self.fpn = None
@@ -251,16 +304,16 @@ class MedFusionNet(nn.Module):
             else:
                 self.cnn_token_proj.append(nn.Linear(channels[-1], dim))
         self.patch_token_proj = nn.Linear(dim, dim) if not (self.use_cnn or self.use_transformer) else None
-        num_levels = len(self.cnn_token_proj) + (
-            (len(self.stages) if fpn else 1) if self.use_transformer else 0
-        ) + (1 if self.patch_token_proj is not None else 0)
+        num_levels = (
+            len(self.cnn_token_proj)
+            + ((len(self.stages) if fpn else 1) if self.use_transformer else 0)
+            + (1 if self.patch_token_proj is not None else 0)
+        )
         self.level_embed = nn.Parameter(torch.zeros(num_levels, dim))
         nn.init.trunc_normal_(self.level_embed, std=0.02)
 
         # tabular tokens, one per field (eq. 15)
-        self.tabular_tokens = (
-            TabularTokenizer(nih_tabular_fields(num_tabular_features), dim) if use_tabular else None
-        )
+        self.tabular_tokens = TabularTokenizer(nih_tabular_fields(num_tabular_features), dim) if use_tabular else None
         missing = torch.from_numpy(missing_tabular_vector(num_tabular_features))
         self.register_buffer("missing_tabular", missing, persistent=False)
         num_groups = num_levels + (1 if use_tabular else 0)
@@ -274,29 +327,34 @@ class MedFusionNet(nn.Module):
         if fusion == "attention":
             self.label_queries = nn.Parameter(torch.zeros(num_classes, dim))
             nn.init.trunc_normal_(self.label_queries, std=0.02)
-            self.decoder.extend([
-                LabelDecoderLayer(dim, heads, self.relational, mlp_ratio, dropout_rate)
-                for _ in range(cfg["decoder_depth"])
-            ])
+            self.decoder.extend(
+                [
+                    LabelDecoderLayer(dim, heads, self.relational, mlp_ratio, dropout_rate)
+                    for _ in range(cfg["decoder_depth"])
+                ]
+            )
         else:
-            self.concat_mlp = nn.Sequential(nn.Linear(num_groups * dim, 2 * dim), nn.GELU(),
-                                            nn.Dropout(dropout_rate), nn.Linear(2 * dim, num_classes * dim))
+            self.concat_mlp = nn.Sequential(
+                nn.Linear(num_groups * dim, 2 * dim),
+                nn.GELU(),
+                nn.Dropout(dropout_rate),
+                nn.Linear(2 * dim, num_classes * dim),
+            )
             if self.relational:
-                self.relational_layers.extend([
-                    RelationalLayer(dim, heads, mlp_ratio, dropout_rate) for _ in range(cfg["decoder_depth"])
-                ])
+                self.relational_layers.extend(
+                    [RelationalLayer(dim, heads, mlp_ratio, dropout_rate) for _ in range(cfg["decoder_depth"])]
+                )
         self.label_norm = nn.LayerNorm(dim)
         self.reweighting = (
             ClassReweighting(class_prior(None if label_counts is None else list(label_counts), num_classes))
-            if class_reweighting else None
+            if class_reweighting
+            else None
         )
         self.head = PerLabelHead(num_classes, dim)
         self.embed_dim = dim
 
         # the baseline's classifier path on the last CNN map, and the gate through which the fusion refines it
-        self.baseline = (
-            LateFusionHead(channels[-1], num_classes, num_tabular_features, use_tabular) if refine else None
-        )
+        self.baseline = LateFusionHead(channels[-1], num_classes, num_tabular_features, use_tabular) if refine else None
         self.gate = nn.Parameter(torch.zeros(num_classes)) if refine else None
 
     @torch.jit.unused
@@ -378,8 +436,9 @@ class MedFusionNet(nn.Module):
             labels = self.reweighting(labels)
         return labels
 
-    def branch_logits(self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None
-                      ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    def branch_logits(
+        self, image: torch.Tensor, tabular: Optional[torch.Tensor] = None
+    ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """The baseline path's logits ``(B, K)`` (None without it) and the label-query fusion's ``(B, K)``."""
         groups, last_map = self._image_tokens(image)
         if tabular is None:
@@ -438,8 +497,8 @@ class MedFusionNet(nn.Module):
 
 
 def _normalise_densenet_key(key: str) -> str:
-    key = key[len("module."):] if key.startswith("module.") else key
-    key = key[len("features."):] if key.startswith("features.") else key
+    key = key[len("module.") :] if key.startswith("module.") else key
+    key = key[len("features.") :] if key.startswith("features.") else key
     # torchvision names a dense layer's parts norm1/conv1/...; MONAI puts them under "layers."
     parts = key.split(".")
     if len(parts) == 4 and parts[0].startswith("denseblock") and parts[1].startswith("denselayer"):
@@ -453,8 +512,12 @@ def _densenet_keys(net: MedFusionNet) -> Dict[str, torch.Tensor]:
     for name, t in net.stem.state_dict(keep_vars=True).items():
         index, rest = name.split(".", 1)
         keys[f"{['conv0', 'norm0', 'relu0', 'pool0'][int(index)]}.{rest}"] = t
-    stage_names = [["denseblock1"], ["transition1", "denseblock2"], ["transition2", "denseblock3"],
-                   ["transition3", "denseblock4", "norm5"]]
+    stage_names = [
+        ["denseblock1"],
+        ["transition1", "denseblock2"],
+        ["transition2", "denseblock3"],
+        ["transition3", "denseblock4", "norm5"],
+    ]
     for stage, names in zip(net.stages, stage_names):
         if stage.cnn is None:
             return {}

@@ -39,8 +39,17 @@ NETWORKS: dict[str, type[nn.Module]] = {
     "ensemble": ProbabilityEnsemble,  # the default members need timm
 }
 # the networks that need timm (the ensemble through its default members)
-TIMM_NETWORKS = ("resnet50", "convnext_tiny", "deit_small", "inception_resnet_v2", "efficientnet_b0", "inception_v3",
-                 "timm", "convfcmae", "ensemble")
+TIMM_NETWORKS = (
+    "resnet50",
+    "convnext_tiny",
+    "deit_small",
+    "inception_resnet_v2",
+    "efficientnet_b0",
+    "inception_v3",
+    "timm",
+    "convfcmae",
+    "ensemble",
+)
 
 
 def create_network(name: str, **kwargs) -> nn.Module:

@@ -73,8 +73,16 @@ class BatchNormMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.fc1(x))
         if self.training and x.shape[0] == 1:
-            x = F.batch_norm(x, self.norm.running_mean, self.norm.running_var, self.norm.weight, self.norm.bias,
-                             False, 0.0, self.norm.eps)
+            x = F.batch_norm(
+                x,
+                self.norm.running_mean,
+                self.norm.running_var,
+                self.norm.weight,
+                self.norm.bias,
+                False,
+                0.0,
+                self.norm.eps,
+            )
         else:
             x = self.norm(x)
         return self.fc2(self.drop(x))
@@ -114,8 +122,9 @@ class ConvFCMAE(nn.Module):
     ):
         super().__init__()
         timm = import_timm(model_name)
-        self.backbone = timm.create_model(model_name, pretrained=False, in_chans=in_channels, num_classes=0,
-                                          global_pool="")
+        self.backbone = timm.create_model(
+            model_name, pretrained=False, in_chans=in_channels, num_classes=0, global_pool=""
+        )
         # the feature map before timm's head (pooling, norm, classifier) feeds the three-stage head that replaces it
         self.backbone.head = nn.Identity()
         if pretrained_path:
@@ -132,8 +141,9 @@ class ConvFCMAE(nn.Module):
         self.attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
         self.use_tabular = use_tabular
         self.tabular = TabularMLP(num_tabular_features, tabular_embed_dim)
-        self.mlp = BatchNormMlp(3 * channels + (tabular_embed_dim if use_tabular else 0), hidden_dim, num_classes,
-                                dropout_rate)
+        self.mlp = BatchNormMlp(
+            3 * channels + (tabular_embed_dim if use_tabular else 0), hidden_dim, num_classes, dropout_rate
+        )
 
     def freeze_first(self, fraction: float) -> int:
         """Fix the first ``fraction`` of the backbone's parameter tensors (stem first); returns how many."""
@@ -160,18 +170,22 @@ class MultiBranchResidual(nn.Module):
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
-        self.down = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels),
-                                  nn.ReLU(inplace=True))
+        self.down = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True)
+        )
         self.inner = nn.Sequential(
-            nn.Conv2d(mid_channels, mid_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(mid_channels),
-            nn.ReLU(inplace=True), nn.Conv2d(mid_channels, mid_channels, 3, 1, 1, bias=False),
+            nn.Conv2d(mid_channels, mid_channels, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(mid_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid_channels, mid_channels, 3, 1, 1, bias=False),
             nn.BatchNorm2d(mid_channels),
         )
         self.inner_shortcut = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.up = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
         self.shortcut = (
             nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
-            if stride > 1 or in_channels != out_channels else nn.Identity()
+            if stride > 1 or in_channels != out_channels
+            else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,11 +242,25 @@ class MMAEFLayer(nn.Module):
 
 
 CTRANSCNN_SIZES: Dict[str, dict] = {
-    "tiny": dict(stem_channels=16, widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1), embed_dim=32, depth=(1, 1, 1, 1),
-                 num_heads=2, decoder_depth=1),
+    "tiny": dict(
+        stem_channels=16,
+        widths=(8, 16, 32, 64),
+        blocks=(1, 1, 1, 1),
+        embed_dim=32,
+        depth=(1, 1, 1, 1),
+        num_heads=2,
+        decoder_depth=1,
+    ),
     # two MBR blocks per stage at half ResNet-50's widths; a 12-layer transformer branch as in the paper, ViT-S wide
-    "base": dict(stem_channels=64, widths=(32, 64, 128, 256), blocks=(2, 2, 2, 2), embed_dim=384,
-                 depth=(3, 3, 3, 3), num_heads=6, decoder_depth=2),
+    "base": dict(
+        stem_channels=64,
+        widths=(32, 64, 128, 256),
+        blocks=(2, 2, 2, 2),
+        embed_dim=384,
+        depth=(3, 3, 3, 3),
+        num_heads=6,
+        decoder_depth=2,
+    ),
 }
 
 
@@ -277,25 +305,36 @@ class CTransCNN(nn.Module):
         cfg = CTRANSCNN_SIZES[size]
         dim, heads, stem = cfg["embed_dim"], cfg["num_heads"], cfg["stem_channels"]
         self.branch_weight = float(branch_weight)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 7, 2, 3, bias=False), nn.BatchNorm2d(stem),
-                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
         self.patch_embed = PatchEmbed(stem, dim, patch_size, max(image_size // (4 * patch_size), 1))
         rates = torch.linspace(0, drop_path_rate, max(sum(cfg["depth"]), 1)).tolist()
         self.stages = nn.ModuleList()
         channels, start = stem, 0
         for i, (width, n_blocks, depth) in enumerate(zip(cfg["widths"], cfg["blocks"], cfg["depth"])):
             out = 4 * width
-            cnn = nn.Sequential(*[
-                MultiBranchResidual(channels if j == 0 else out, width, out, 2 if (j == 0 and i > 0) else 1)
-                for j in range(n_blocks)
-            ])
+            cnn = nn.Sequential(
+                *[
+                    MultiBranchResidual(channels if j == 0 else out, width, out, 2 if (j == 0 and i > 0) else 1)
+                    for j in range(n_blocks)
+                ]
+            )
             channels = out
             blocks = [TransformerBlock(dim, heads, mlp_ratio, dropout_rate, rates[start + j]) for j in range(depth)]
             start += depth
-            self.stages.append(HybridStage(
-                cnn=cnn, transformer=nn.Sequential(*blocks), norm=nn.LayerNorm(dim) if i == 3 else None,
-                c2t=ConvToTokens(out, dim) if i > 0 else None, t2c=TokensToConv(dim, out) if 0 < i < 3 else None,
-            ))
+            self.stages.append(
+                HybridStage(
+                    cnn=cnn,
+                    transformer=nn.Sequential(*blocks),
+                    norm=nn.LayerNorm(dim) if i == 3 else None,
+                    c2t=ConvToTokens(out, dim) if i > 0 else None,
+                    t2c=TokensToConv(dim, out) if 0 < i < 3 else None,
+                )
+            )
         self.cnn_head = nn.Linear(channels, num_classes)
         self.cnn_tokens = nn.Linear(channels, dim)
         self.tabular_tokens = TabularTokenizer(nih_tabular_fields(num_tabular_features), dim) if use_tabular else None
@@ -304,8 +343,9 @@ class CTransCNN(nn.Module):
         self.label_embed = nn.Parameter(torch.zeros(num_classes, dim))
         nn.init.trunc_normal_(self.label_embed, std=0.02)
         self.memory_norm = nn.LayerNorm(dim)
-        self.decoder = nn.ModuleList([MMAEFLayer(dim, heads, mlp_ratio, dropout_rate)
-                                      for _ in range(cfg["decoder_depth"])])
+        self.decoder = nn.ModuleList(
+            [MMAEFLayer(dim, heads, mlp_ratio, dropout_rate) for _ in range(cfg["decoder_depth"])]
+        )
         self.label_norm = nn.LayerNorm(dim)
         self.head = PerLabelHead(num_classes, dim)
 
@@ -373,10 +413,16 @@ class ProbabilityEnsemble(nn.Module):
         member_args = list(member_args) if member_args is not None else [{} for _ in members]
         if len(member_args) != len(members):
             raise ValueError(f"member_args has {len(member_args)} entries for {len(members)} members")
-        shared = dict(num_classes=num_classes, in_channels=in_channels, num_tabular_features=num_tabular_features,
-                      use_tabular=use_tabular, image_size=image_size)
-        self.members = nn.ModuleList([create_network(name, **{**shared, **dict(args)})
-                                      for name, args in zip(members, member_args)])
+        shared = dict(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            num_tabular_features=num_tabular_features,
+            use_tabular=use_tabular,
+            image_size=image_size,
+        )
+        self.members = nn.ModuleList(
+            [create_network(name, **{**shared, **dict(args)}) for name, args in zip(members, member_args)]
+        )
         self.member_names = list(members)
         self.combine, self.threshold, self.eps = combine, float(threshold), float(eps)
         if member_checkpoints is not None:
@@ -409,4 +455,3 @@ class ProbabilityEnsemble(nn.Module):
         else:
             combined = probs.mean(0)
         return torch.logit(combined, eps=self.eps)
-

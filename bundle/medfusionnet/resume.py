@@ -57,8 +57,13 @@ def _rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -107,9 +112,18 @@ class TrainingCheckpoint:
         ValueError: naming the file, when it is not a training checkpoint or does not fit the network.
     """
 
-    def __init__(self, output_dir: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 lr_scheduler=None, evaluator: Optional[Engine] = None, best_model_saver=None, sampler=None,
-                 resume: bool | str = False, filename: str = CHECKPOINT_FILE):
+    def __init__(
+        self,
+        output_dir: str,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler=None,
+        evaluator: Optional[Engine] = None,
+        best_model_saver=None,
+        sampler=None,
+        resume: bool | str = False,
+        filename: str = CHECKPOINT_FILE,
+    ):
         self.path = os.path.join(output_dir, filename)
         self.network = network.module if hasattr(network, "module") else network
         self.optimizer = optimizer
@@ -173,16 +187,20 @@ class TrainingCheckpoint:
             raise FileNotFoundError(f"resume={path}: file not found")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or "format" not in state or "network" not in state:
-            raise ValueError(f"{path} is not a training checkpoint (written by {CHECKPOINT_FILE}'s saver); a "
-                             "model.pt holds weights only and cannot resume training")
+            raise ValueError(
+                f"{path} is not a training checkpoint (written by {CHECKPOINT_FILE}'s saver); a "
+                "model.pt holds weights only and cannot resume training"
+            )
         own = self.network.state_dict()
         missing = [k for k in own if k not in state["network"]]
         unexpected = [k for k in state["network"] if k not in own]
         shapes = [k for k, v in state["network"].items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if missing or unexpected or shapes:
-            raise ValueError(f"{path} does not fit the configured network: {len(missing)} parameter(s) missing "
-                             f"(e.g. {missing[:3]}), {len(unexpected)} unknown (e.g. {unexpected[:3]}), "
-                             f"{len(shapes)} of another shape (e.g. {shapes[:3]})")
+            raise ValueError(
+                f"{path} does not fit the configured network: {len(missing)} parameter(s) missing "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unknown (e.g. {unexpected[:3]}), "
+                f"{len(shapes)} of another shape (e.g. {shapes[:3]})"
+            )
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:

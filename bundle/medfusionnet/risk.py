@@ -59,7 +59,7 @@ FORMAT_VERSION = 1
 
 
 def read_risk_csv(path, outcomes: Sequence[str], features: Sequence[str] | None = None):
-    """Read a CSV into a float feature frame ``X`` (NaN = missing) and a 0/1 outcome frame ``Y``.
+    """Read a CSV into a float feature frame ``x`` (NaN = missing) and a 0/1 outcome frame ``y_table``.
 
     ``features=None`` takes every column that is not an outcome. Cells equal to a sentinel in `SENTINELS`
     (case-insensitive, surrounding spaces ignored) are missing; an INFO log counts them.
@@ -83,24 +83,31 @@ def read_risk_csv(path, outcomes: Sequence[str], features: Sequence[str] | None 
         if absent:
             raise ValueError(f"{path}: {kind} column(s) {absent} not found; the columns are {list(frame.columns)}")
     numeric = {c: _parse_numeric_column(frame[c], path, c) for c in dict.fromkeys(features + outcomes)}
-    X = pd.DataFrame({c: numeric[c] for c in features})
-    gaps = X.isna().sum()
+    x = pd.DataFrame({c: numeric[c] for c in features})
+    gaps = x.isna().sum()
     if gaps.any():
-        logger.info("%s: %d missing cell(s) in %d row(s) and %d of %d feature column(s) (most in '%s': %d); they "
-                    "are imputed, with missing-value indicators", path, int(gaps.sum()),
-                    int(X.isna().any(axis=1).sum()), int((gaps > 0).sum()), len(features), gaps.idxmax(),
-                    int(gaps.max()))
-    Y = pd.DataFrame({c: numeric[c] for c in outcomes})
+        logger.info(
+            "%s: %d missing cell(s) in %d row(s) and %d of %d feature column(s) (most in '%s': %d); they "
+            "are imputed, with missing-value indicators",
+            path,
+            int(gaps.sum()),
+            int(x.isna().any(axis=1).sum()),
+            int((gaps > 0).sum()),
+            len(features),
+            gaps.idxmax(),
+            int(gaps.max()),
+        )
+    y_table = pd.DataFrame({c: numeric[c] for c in outcomes})
     for c in outcomes:
-        bad = Y[c].isna() | ~Y[c].isin((0.0, 1.0))
+        bad = y_table[c].isna() | ~y_table[c].isin((0.0, 1.0))
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise ValueError(
                 f"{path}: line {i + 2}, outcome column '{c}': value '{frame[c].iloc[i]}' is not 0 or 1; "
                 "outcomes must be binary and present in every row"
             )
-        _check_two_classes(Y[c], f"{path}: outcome column '{c}'")
-    return X, Y.astype(np.int64)
+        _check_two_classes(y_table[c], f"{path}: outcome column '{c}'")
+    return x, y_table.astype(np.int64)
 
 
 def _parse_numeric_column(text: pd.Series, path, column: str) -> pd.Series:
@@ -130,7 +137,7 @@ def nih_tables(frame: pd.DataFrame, labels: Sequence[str] = LABELS):
     """
     sex = frame["sex"].str.upper()
     view = frame["view"].str.upper()
-    X = pd.DataFrame(
+    x = pd.DataFrame(
         {
             "age": frame["age"].astype(np.float64),
             "sex_M": np.where(sex == "M", 1.0, np.where(sex == "F", 0.0, np.nan)),
@@ -139,17 +146,21 @@ def nih_tables(frame: pd.DataFrame, labels: Sequence[str] = LABELS):
         },
         index=frame.index,
     )
-    Y = pd.DataFrame(np.stack(frame["label"].to_numpy()).astype(np.int64), columns=list(labels), index=frame.index)
-    return X, Y
+    y_table = pd.DataFrame(
+        np.stack(frame["label"].to_numpy()).astype(np.int64), columns=list(labels), index=frame.index
+    )
+    return x, y_table
 
 
-def outcome_features(X: pd.DataFrame, Y: pd.DataFrame, outcome: str, with_screening: bool = False) -> pd.DataFrame:
-    """Feature frame for one outcome: ``X`` alone, or with ``with_screening`` also the other outcome columns
+def outcome_features(
+    x: pd.DataFrame, y_table: pd.DataFrame, outcome: str, with_screening: bool = False
+) -> pd.DataFrame:
+    """Feature frame for one outcome: ``x`` alone, or with ``with_screening`` also the other outcome columns
     (cervical setting (b): for Biopsy, the Hinselmann, Schiller and Citology results)."""
     if not with_screening:
-        return X
-    others = [c for c in Y.columns if c != outcome]
-    return pd.concat([X, Y[others].astype(np.float64)], axis=1)
+        return x
+    others = [c for c in y_table.columns if c != outcome]
+    return pd.concat([x, y_table[others].astype(np.float64)], axis=1)
 
 
 # ------------------------------------------------------------------------------------------------ discretisation
@@ -228,48 +239,48 @@ class RiskPreprocessor(TransformerMixin, BaseEstimator):
         self.max_missing_fraction = max_missing_fraction
         self.missing_indicators = missing_indicators
 
-    def fit(self, X, y=None):
-        """Learn ``columns_`` (kept), ``dropped_`` ({column: reason}), ``indicators_`` and ``medians_`` from ``X``."""
+    def fit(self, x, y=None):
+        """Learn ``columns_`` (kept), ``dropped_`` ({column: reason}), ``indicators_`` and ``medians_`` from ``x``."""
         if self.imputation not in IMPUTATIONS:
             raise ValueError(f"imputation='{self.imputation}' is not supported; use one of {IMPUTATIONS}")
-        X = _as_frame(X)
-        self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        x = _as_frame(x)
+        self.feature_names_in_ = np.asarray(x.columns, dtype=object)
         self.dropped_ = {}
-        for column in X.columns:
-            observed = X[column].dropna()
-            missing = 1.0 - len(observed) / max(len(X), 1)
+        for column in x.columns:
+            observed = x[column].dropna()
+            missing = 1.0 - len(observed) / max(len(x), 1)
             if missing > self.max_missing_fraction:
                 self.dropped_[column] = f"{missing:.0%} missing (> {self.max_missing_fraction:.0%})"
             elif observed.nunique() <= 1:
                 self.dropped_[column] = "constant"
         for column, reason in self.dropped_.items():
             logger.info("dropping column '%s': %s", column, reason)
-        self.columns_ = [c for c in X.columns if c not in self.dropped_]
-        self.medians_ = {c: float(X[c].median()) for c in self.columns_}
+        self.columns_ = [c for c in x.columns if c not in self.dropped_]
+        self.medians_ = {c: float(x[c].median()) for c in self.columns_}
         self.indicators_ = {}
         if self.missing_indicators:
             by_pattern = {}
-            for column in X.columns:
-                gaps = X[column].isna().to_numpy()
+            for column in x.columns:
+                gaps = x[column].isna().to_numpy()
                 if 0 < gaps.sum() < len(gaps):
                     by_pattern.setdefault(gaps.tobytes(), []).append(column)
             self.indicators_ = {f"{columns[0]} missing": columns for columns in by_pattern.values()}
         return self
 
-    def transform(self, X) -> pd.DataFrame:
-        """Kept columns of ``X`` with the gaps filled, then the indicators (a frame in `output_columns` order)."""
+    def transform(self, x) -> pd.DataFrame:
+        """Kept columns of ``x`` with the gaps filled, then the indicators (a frame in `output_columns` order)."""
         check_is_fitted(self, "medians_")
-        X = _as_frame(X, self.feature_names_in_)
+        x = _as_frame(x, self.feature_names_in_)
         needed = list(dict.fromkeys(self.columns_ + [cols[0] for cols in self.indicators_.values()]))
-        absent = [c for c in needed if c not in X.columns]
+        absent = [c for c in needed if c not in x.columns]
         if absent:
             raise ValueError(f"column(s) {absent} seen in fit are missing from the data to transform")
-        out = X[self.columns_].astype(np.float64)
+        out = x[self.columns_].astype(np.float64)
         if self.imputation == "ffill":
             out = out.ffill()
         out = out.fillna(self.medians_)
         for name, columns in self.indicators_.items():
-            out[name] = X[columns[0]].isna().astype(np.float64).to_numpy()
+            out[name] = x[columns[0]].isna().astype(np.float64).to_numpy()
         return out
 
     def output_columns(self) -> list[str]:
@@ -279,10 +290,16 @@ class RiskPreprocessor(TransformerMixin, BaseEstimator):
 
     def to_dict(self) -> dict:
         """JSON-ready state."""
-        return {"imputation": self.imputation, "max_missing_fraction": self.max_missing_fraction,
-                "missing_indicators": self.missing_indicators, "feature_names_in": list(self.feature_names_in_),
-                "columns": list(self.columns_), "dropped": dict(self.dropped_), "medians": dict(self.medians_),
-                "indicators": {k: list(v) for k, v in self.indicators_.items()}}
+        return {
+            "imputation": self.imputation,
+            "max_missing_fraction": self.max_missing_fraction,
+            "missing_indicators": self.missing_indicators,
+            "feature_names_in": list(self.feature_names_in_),
+            "columns": list(self.columns_),
+            "dropped": dict(self.dropped_),
+            "medians": dict(self.medians_),
+            "indicators": {k: list(v) for k, v in self.indicators_.items()},
+        }
 
     @classmethod
     def from_dict(cls, state: dict) -> RiskPreprocessor:
@@ -294,12 +311,12 @@ class RiskPreprocessor(TransformerMixin, BaseEstimator):
         return pre
 
 
-def _as_frame(X, columns=None) -> pd.DataFrame:
-    if isinstance(X, pd.DataFrame):
-        return X
-    X = np.asarray(X, dtype=np.float64)
-    columns = list(columns) if columns is not None else [f"x{i}" for i in range(X.shape[1])]
-    return pd.DataFrame(X, columns=columns[: X.shape[1]])
+def _as_frame(x, columns=None) -> pd.DataFrame:
+    if isinstance(x, pd.DataFrame):
+        return x
+    x = np.asarray(x, dtype=np.float64)
+    columns = list(columns) if columns is not None else [f"x{i}" for i in range(x.shape[1])]
+    return pd.DataFrame(x, columns=columns[: x.shape[1]])
 
 
 # ------------------------------------------------------------------------------------------------------ stage 1
@@ -338,8 +355,9 @@ def search_threshold(x, y, max_depth=2, min_samples_leaf=10, grid_size=10, score
     candidate nearest a proposal.
     """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
-    tree = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_samples_leaf, class_weight="balanced",
-                                  random_state=random_state).fit(x[:, None], y)
+    tree = DecisionTreeClassifier(
+        max_depth=max_depth, min_samples_leaf=min_samples_leaf, class_weight="balanced", random_state=random_state
+    ).fit(x[:, None], y)
     proposals = np.unique(tree.tree_.threshold[tree.tree_.feature >= 0])
     if proposals.size == 0:
         return None
@@ -358,8 +376,12 @@ def search_threshold(x, y, max_depth=2, min_samples_leaf=10, grid_size=10, score
     candidates = candidates[order]
     scores, directions = rule_scores(x, y, candidates, score)
     best = int(np.argmax(scores))
-    return {"threshold": float(candidates[best]), "direction": str(directions[best]), "score": float(scores[best]),
-            "proposals": proposals.tolist()}
+    return {
+        "threshold": float(candidates[best]),
+        "direction": str(directions[best]),
+        "score": float(scores[best]),
+        "proposals": proposals.tolist(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ stage 2
@@ -373,26 +395,30 @@ def tree_to_nodes(tree: DecisionTreeClassifier, features: Sequence[str]) -> dict
     def node(i: int) -> dict:
         if t.children_left[i] < 0:
             return {"leaf": int(i)}
-        return {"feature": features[t.feature[i]], "threshold": float(t.threshold[i]),
-                "left": node(int(t.children_left[i])), "right": node(int(t.children_right[i]))}
+        return {
+            "feature": features[t.feature[i]],
+            "threshold": float(t.threshold[i]),
+            "left": node(int(t.children_left[i])),
+            "right": node(int(t.children_right[i])),
+        }
 
     return node(0)
 
 
-def apply_nodes(nodes: dict, X: pd.DataFrame) -> np.ndarray:
-    """Leaf id of every row of ``X`` under the nested nodes (`tree_to_nodes`).
+def apply_nodes(nodes: dict, x: pd.DataFrame) -> np.ndarray:
+    """Leaf id of every row of ``x`` under the nested nodes (`tree_to_nodes`).
 
     Values are rounded to float32 first because scikit-learn trees compare float32 inputs; this keeps the JSON
     model's routing identical to the fitted tree's.
     """
-    leaves = np.full(len(X), -1, dtype=np.int64)
-    stack = [(nodes, np.arange(len(X)))]
+    leaves = np.full(len(x), -1, dtype=np.int64)
+    stack = [(nodes, np.arange(len(x)))]
     while stack:
         node, rows = stack.pop()
         if "leaf" in node:
             leaves[rows] = node["leaf"]
             continue
-        values = X[node["feature"]].to_numpy(dtype=np.float32).astype(np.float64)[rows]
+        values = x[node["feature"]].to_numpy(dtype=np.float32).astype(np.float64)[rows]
         go_left = values <= node["threshold"]
         stack += [(node["left"], rows[go_left]), (node["right"], rows[~go_left])]
     return leaves
@@ -415,9 +441,13 @@ def tree_to_arrays(tree: DecisionTreeClassifier) -> dict:
     t = tree.tree_
     value = t.value[:, 0, :]
     leaf = t.children_left < 0
-    return {"feature": np.where(leaf, -1, t.feature).tolist(), "threshold": np.where(leaf, 0.0, t.threshold).tolist(),
-            "left": t.children_left.tolist(), "right": t.children_right.tolist(),
-            "probability": (value[:, 1] / value.sum(axis=1)).tolist()}
+    return {
+        "feature": np.where(leaf, -1, t.feature).tolist(),
+        "threshold": np.where(leaf, 0.0, t.threshold).tolist(),
+        "left": t.children_left.tolist(),
+        "right": t.children_right.tolist(),
+        "probability": (value[:, 1] / value.sum(axis=1)).tolist(),
+    }
 
 
 def apply_arrays(arrays: dict, values: np.ndarray) -> np.ndarray:
@@ -446,8 +476,14 @@ def risk_level(rate: float, cut_points: dict) -> str:
 
 STAGE2_KINDS: tuple[str, ...] = ("tree", "forest")
 # Stage 2 as a random forest of fully grown trees: a finer ranking than one readable tree (see docs/README.md).
-FOREST_PARAMS = {"stage2": "forest", "n_estimators": 200, "max_depth": None, "min_samples_leaf": 5,
-                 "class_weight": None, "top_n": None}
+FOREST_PARAMS = {
+    "stage2": "forest",
+    "n_estimators": 200,
+    "max_depth": None,
+    "min_samples_leaf": 5,
+    "class_weight": None,
+    "top_n": None,
+}
 
 
 class TwoStageRiskModel(ClassifierMixin, BaseEstimator):
@@ -477,10 +513,27 @@ class TwoStageRiskModel(ClassifierMixin, BaseEstimator):
     ``nodes_``; for a forest ``forest_`` (the scikit-learn forest, None after loading) and ``trees_`` (node arrays).
     """
 
-    def __init__(self, top_n="auto", stage1_score="auc", stage1_max_depth=2, stage1_min_samples_leaf=10, grid_size=10,
-                 stage2="tree", n_estimators=200, max_depth=3, min_samples_leaf=20, class_weight="balanced",
-                 low_factor=1.0, high_factor=2.0, imputation="median", max_missing_fraction=0.8,
-                 missing_indicators=True, top_n_grid=(3, 5, 10, None), inner_folds=3, random_state=0):
+    def __init__(
+        self,
+        top_n="auto",
+        stage1_score="auc",
+        stage1_max_depth=2,
+        stage1_min_samples_leaf=10,
+        grid_size=10,
+        stage2="tree",
+        n_estimators=200,
+        max_depth=3,
+        min_samples_leaf=20,
+        class_weight="balanced",
+        low_factor=1.0,
+        high_factor=2.0,
+        imputation="median",
+        max_missing_fraction=0.8,
+        missing_indicators=True,
+        top_n_grid=(3, 5, 10, None),
+        inner_folds=3,
+        random_state=0,
+    ):
         self.top_n = top_n
         self.stage1_score = stage1_score
         self.stage1_max_depth = stage1_max_depth
@@ -500,33 +553,33 @@ class TwoStageRiskModel(ClassifierMixin, BaseEstimator):
         self.inner_folds = inner_folds
         self.random_state = random_state
 
-    def fit(self, X, y):
-        """Fit preprocessing, stage 1 and stage 2 on ``(X, y)``; returns self."""
+    def fit(self, x, y):
+        """Fit preprocessing, stage 1 and stage 2 on ``(x, y)``; returns self."""
         if self.stage1_score not in STAGE1_SCORES:
             raise ValueError(f"stage1_score='{self.stage1_score}' is not supported; use one of {STAGE1_SCORES}")
         if self.stage2 not in STAGE2_KINDS:
             raise ValueError(f"stage2='{self.stage2}' is not supported; use one of {STAGE2_KINDS}")
         if not (self.top_n is None or self.top_n == "auto" or (isinstance(self.top_n, int) and self.top_n > 0)):
             raise ValueError(f"top_n={self.top_n!r}: use a positive integer, None (all features) or 'auto'")
-        X = _as_frame(X)
+        x = _as_frame(x)
         y = np.asarray(y).astype(np.int64).ravel()
         _check_two_classes(pd.Series(y), "the training outcome")
         self.classes_ = np.array([0, 1])
-        self.feature_names_in_ = np.asarray(X.columns, dtype=object)
-        self.preprocessor_ = self._preprocessor().fit(X)
-        Xp = self.preprocessor_.transform(X)
-        self.stage1_ = self._stage1(Xp, y)
-        self.top_n_scores_ = self._inner_scores(X, y) if self.top_n == "auto" else {}
+        self.feature_names_in_ = np.asarray(x.columns, dtype=object)
+        self.preprocessor_ = self._preprocessor().fit(x)
+        xp = self.preprocessor_.transform(x)
+        self.stage1_ = self._stage1(xp, y)
+        self.top_n_scores_ = self._inner_scores(x, y) if self.top_n == "auto" else {}
         self.top_n_ = max(self.top_n_scores_, key=self.top_n_scores_.get) if self.top_n_scores_ else self.top_n
         self.selected_features_ = [r["feature"] for r in self.stage1_[: self.top_n_]]
         self.prevalence_ = float(y.mean())
         self.cut_points_ = {"low": self.low_factor * self.prevalence_, "high": self.high_factor * self.prevalence_}
         self.tree_ = self.forest_ = self.nodes_ = self.trees_ = None
-        fitted = self._stage2(Xp, y, self.selected_features_)
+        fitted = self._stage2(xp, y, self.selected_features_)
         if self.stage2 == "tree":
             self.tree_ = fitted
             self.nodes_ = tree_to_nodes(fitted, self.selected_features_) if fitted is not None else {"leaf": 0}
-            self._annotate_leaves(apply_nodes(self.nodes_, Xp), y)
+            self._annotate_leaves(apply_nodes(self.nodes_, xp), y)
         else:
             self.forest_ = fitted
             self.trees_ = [tree_to_arrays(t) for t in fitted.estimators_] if fitted is not None else []
@@ -535,42 +588,57 @@ class TwoStageRiskModel(ClassifierMixin, BaseEstimator):
     def _preprocessor(self) -> RiskPreprocessor:
         return RiskPreprocessor(self.imputation, self.max_missing_fraction, self.missing_indicators)
 
-    def _stage1(self, Xp: pd.DataFrame, y: np.ndarray) -> list:
+    def _stage1(self, xp: pd.DataFrame, y: np.ndarray) -> list:
         stage1 = []
-        for column in Xp.columns:
-            found = search_threshold(Xp[column].to_numpy(), y, self.stage1_max_depth, self.stage1_min_samples_leaf,
-                                     self.grid_size, self.stage1_score, self.random_state)
+        for column in xp.columns:
+            found = search_threshold(
+                xp[column].to_numpy(),
+                y,
+                self.stage1_max_depth,
+                self.stage1_min_samples_leaf,
+                self.grid_size,
+                self.stage1_score,
+                self.random_state,
+            )
             if found is not None:
                 stage1.append({"feature": column, **found})
         stage1.sort(key=lambda r: -r["score"])  # stable: equal scores keep column order
         return stage1
 
-    def _stage2(self, Xp: pd.DataFrame, y: np.ndarray, features: list):
+    def _stage2(self, xp: pd.DataFrame, y: np.ndarray, features: list):
         """The fitted scikit-learn stage-2 model on ``features``, or None when stage 1 selected nothing."""
         if not features:
             return None
         if self.stage2 == "tree":
-            model = DecisionTreeClassifier(max_depth=self.max_depth, min_samples_leaf=self.min_samples_leaf,
-                                           class_weight=self.class_weight, random_state=self.random_state)
+            model = DecisionTreeClassifier(
+                max_depth=self.max_depth,
+                min_samples_leaf=self.min_samples_leaf,
+                class_weight=self.class_weight,
+                random_state=self.random_state,
+            )
         else:
-            model = RandomForestClassifier(n_estimators=self.n_estimators, max_depth=self.max_depth,
-                                           min_samples_leaf=self.min_samples_leaf, class_weight=self.class_weight,
-                                           random_state=self.random_state)
-        return model.fit(Xp[features].to_numpy(), y)
+            model = RandomForestClassifier(
+                n_estimators=self.n_estimators,
+                max_depth=self.max_depth,
+                min_samples_leaf=self.min_samples_leaf,
+                class_weight=self.class_weight,
+                random_state=self.random_state,
+            )
+        return model.fit(xp[features].to_numpy(), y)
 
-    def _inner_scores(self, X: pd.DataFrame, y: np.ndarray) -> dict:
+    def _inner_scores(self, x: pd.DataFrame, y: np.ndarray) -> dict:
         """Mean inner-CV AUC of each ``top_n_grid`` candidate, every step refitted on the inner training part."""
         splitter = StratifiedKFold(self.inner_folds, shuffle=True, random_state=self.random_state)
         scores = {n: [] for n in self.top_n_grid}
-        for train, test in splitter.split(X, y):
-            pre = self._preprocessor().fit(X.iloc[train])
-            X_train, X_test = pre.transform(X.iloc[train]), pre.transform(X.iloc[test])
-            ranked = [r["feature"] for r in self._stage1(X_train, y[train])]
+        for train, test in splitter.split(x, y):
+            pre = self._preprocessor().fit(x.iloc[train])
+            x_train, x_test = pre.transform(x.iloc[train]), pre.transform(x.iloc[test])
+            ranked = [r["feature"] for r in self._stage1(x_train, y[train])]
             for n in self.top_n_grid:
-                fitted = self._stage2(X_train, y[train], ranked[:n])
+                fitted = self._stage2(x_train, y[train], ranked[:n])
                 if fitted is None or len(np.unique(y[test])) < 2:
                     continue
-                inner_train, inner_test = X_train[ranked[:n]].to_numpy(), X_test[ranked[:n]].to_numpy()
+                inner_train, inner_test = x_train[ranked[:n]].to_numpy(), x_test[ranked[:n]].to_numpy()
                 if self.stage2 == "tree":  # the leaf's unweighted training rate, as the final model scores
                     rate = pd.Series(y[train]).groupby(fitted.apply(inner_train)).mean()
                     prob = rate.reindex(fitted.apply(inner_test)).to_numpy()
@@ -586,42 +654,48 @@ class TwoStageRiskModel(ClassifierMixin, BaseEstimator):
             leaf.update(n=n, positives=positives, rate=positives / n if n else self.prevalence_)
             leaf["level"] = risk_level(leaf["rate"], self.cut_points_)
 
-    def _probability(self, X) -> np.ndarray:
+    def _probability(self, x) -> np.ndarray:
         check_is_fitted(self, "prevalence_")
-        Xp = self.preprocessor_.transform(_as_frame(X, self.feature_names_in_))
+        xp = self.preprocessor_.transform(_as_frame(x, self.feature_names_in_))
         if self.stage2 == "tree":
             table = {leaf["leaf"]: leaf["rate"] for leaf, _ in iter_leaves(self.nodes_)}
-            return np.array([table[i] for i in apply_nodes(self.nodes_, Xp)], dtype=np.float64)
+            return np.array([table[i] for i in apply_nodes(self.nodes_, xp)], dtype=np.float64)
         if not self.trees_:
-            return np.full(len(Xp), self.prevalence_)
-        values = Xp[self.selected_features_].to_numpy(dtype=np.float64)
-        total = np.zeros(len(Xp))
+            return np.full(len(xp), self.prevalence_)
+        values = xp[self.selected_features_].to_numpy(dtype=np.float64)
+        total = np.zeros(len(xp))
         for arrays in self.trees_:  # summed in tree order then divided, as scikit-learn's forest does
             total += np.asarray(arrays["probability"])[apply_arrays(arrays, values)]
         return total / len(self.trees_)
 
-    def predict_proba(self, X) -> np.ndarray:
+    def predict_proba(self, x) -> np.ndarray:
         """``(N, 2)`` probabilities; column 1 is the stage-2 probability of the positive class."""
-        rate = self._probability(X)
+        rate = self._probability(x)
         return np.stack([1.0 - rate, rate], axis=1)
 
-    def predict(self, X) -> np.ndarray:
+    def predict(self, x) -> np.ndarray:
         """0/1: positive when the probability is at least the training prevalence."""
-        return (self._probability(X) >= self.prevalence_).astype(np.int64)
+        return (self._probability(x) >= self.prevalence_).astype(np.int64)
 
-    def predict_risk(self, X) -> np.ndarray:
+    def predict_risk(self, x) -> np.ndarray:
         """Risk level (``low`` / ``medium`` / ``high``) of every row, from its probability and ``cut_points_``."""
-        return np.array([risk_level(p, self.cut_points_) for p in self._probability(X)], dtype=object)
+        return np.array([risk_level(p, self.cut_points_) for p in self._probability(x)], dtype=object)
 
     def to_dict(self) -> dict:
         """JSON-ready fitted state: parameters, preprocessing, stage-1 scores, selected features, stage 2."""
         check_is_fitted(self, "prevalence_")
         params = {**self.get_params(), "top_n_grid": list(self.top_n_grid)}
-        state = {"params": params, "feature_names_in": list(self.feature_names_in_),
-                 "preprocessing": self.preprocessor_.to_dict(), "stage1": self.stage1_, "top_n": self.top_n_,
-                 "top_n_scores": {str(k): v for k, v in self.top_n_scores_.items()},
-                 "selected_features": list(self.selected_features_), "prevalence": self.prevalence_,
-                 "cut_points": dict(self.cut_points_)}
+        state = {
+            "params": params,
+            "feature_names_in": list(self.feature_names_in_),
+            "preprocessing": self.preprocessor_.to_dict(),
+            "stage1": self.stage1_,
+            "top_n": self.top_n_,
+            "top_n_scores": {str(k): v for k, v in self.top_n_scores_.items()},
+            "selected_features": list(self.selected_features_),
+            "prevalence": self.prevalence_,
+            "cut_points": dict(self.cut_points_),
+        }
         if self.stage2 == "tree":
             state["tree"] = self.nodes_
         else:
@@ -658,8 +732,12 @@ def package_versions() -> dict:
 
     from . import __version__
 
-    return {"medfusionnet": __version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
-            "pandas": pd.__version__}
+    return {
+        "medfusionnet": __version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+    }
 
 
 def save_models(path, models: dict, with_screening: bool = False, bins: dict | None = None) -> dict:
@@ -667,9 +745,14 @@ def save_models(path, models: dict, with_screening: bool = False, bins: dict | N
 
     The file is replaced atomically (`write_text_atomic`): a failed save keeps the previous model file.
     """
-    document = {"format_version": FORMAT_VERSION, "model": MODEL_NAME, "with_screening": with_screening,
-                "versions": package_versions(), "bins": bins or {},
-                "outcomes": {name: m.to_dict() for name, m in models.items()}}
+    document = {
+        "format_version": FORMAT_VERSION,
+        "model": MODEL_NAME,
+        "with_screening": with_screening,
+        "versions": package_versions(),
+        "bins": bins or {},
+        "outcomes": {name: m.to_dict() for name, m in models.items()},
+    }
     write_text_atomic(path, _readable_json(document))
     return document
 
@@ -690,26 +773,32 @@ def load_models(path) -> dict:
     with open(path) as f:
         document = json.load(f)
     if document.get("model") != MODEL_NAME or "outcomes" not in document:
-        raise ValueError(f"{path}: not a two-stage risk model JSON (expected \"model\": \"{MODEL_NAME}\")")
+        raise ValueError(f'{path}: not a two-stage risk model JSON (expected "model": "{MODEL_NAME}")')
     return {name: TwoStageRiskModel.from_dict(state) for name, state in document["outcomes"].items()}
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
 
 
-def comparison_models(random_state: int = 0, max_depth: int = 3, min_samples_leaf: int = 20,
-                      n_estimators: int = 100) -> dict:
+def comparison_models(
+    random_state: int = 0, max_depth: int = 3, min_samples_leaf: int = 20, n_estimators: int = 100
+) -> dict:
     """Reference classifiers, each behind a median `SimpleImputer` (and a scaler for the logistic regression)."""
     # The same information as the two-stage model: median imputation plus missing-value indicators.
     impute = SimpleImputer(strategy="median", keep_empty_features=True, add_indicator=True)
     return {
-        "decision_tree": make_pipeline(clone(impute), DecisionTreeClassifier(
-            max_depth=max_depth, min_samples_leaf=min_samples_leaf, random_state=random_state)),
+        "decision_tree": make_pipeline(
+            clone(impute),
+            DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_samples_leaf, random_state=random_state),
+        ),
         "logistic_regression": make_pipeline(clone(impute), StandardScaler(), LogisticRegression(max_iter=2000)),
-        "random_forest": make_pipeline(clone(impute), RandomForestClassifier(
-            n_estimators=n_estimators, min_samples_leaf=5, random_state=random_state)),
-        "gradient_boosting": make_pipeline(clone(impute), GradientBoostingClassifier(
-            n_estimators=n_estimators, max_depth=2, random_state=random_state)),
+        "random_forest": make_pipeline(
+            clone(impute),
+            RandomForestClassifier(n_estimators=n_estimators, min_samples_leaf=5, random_state=random_state),
+        ),
+        "gradient_boosting": make_pipeline(
+            clone(impute), GradientBoostingClassifier(n_estimators=n_estimators, max_depth=2, random_state=random_state)
+        ),
     }
 
 
@@ -719,15 +808,28 @@ def binary_metrics(y, prob, threshold: float) -> dict:
     pred = (np.asarray(prob) >= threshold).astype(np.int64)
     sensitivity = recall_score(y, pred, pos_label=1, zero_division=0)
     specificity = recall_score(y, pred, pos_label=0, zero_division=0)
-    return {"auc": roc_auc_score(y, prob), "f1": f1_score(y, pred, zero_division=0),
-            "gmean": float(np.sqrt(sensitivity * specificity)),
-            "balanced_accuracy": balanced_accuracy_score(y, pred),
-            "sensitivity": sensitivity, "specificity": specificity}
+    return {
+        "auc": roc_auc_score(y, prob),
+        "f1": f1_score(y, pred, zero_division=0),
+        "gmean": float(np.sqrt(sensitivity * specificity)),
+        "balanced_accuracy": balanced_accuracy_score(y, pred),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+    }
 
 
-def cross_validate(X: pd.DataFrame, Y: pd.DataFrame, models: dict, outcomes: Sequence[str] | None = None,
-                   with_screening: bool = False, n_splits: int = 5, repeats: int = 5, seed: int = 0,
-                   keep_models: bool = False, groups=None) -> dict:
+def cross_validate(
+    x: pd.DataFrame,
+    y_table: pd.DataFrame,
+    models: dict,
+    outcomes: Sequence[str] | None = None,
+    with_screening: bool = False,
+    n_splits: int = 5,
+    repeats: int = 5,
+    seed: int = 0,
+    keep_models: bool = False,
+    groups=None,
+) -> dict:
     """Repeated stratified k-fold cross-validation of every model on every outcome, under the same folds.
 
     With ``groups`` (one id per row, e.g. NIH's patient id) the folds are `StratifiedGroupKFold` splits, reshuffled
@@ -742,10 +844,10 @@ def cross_validate(X: pd.DataFrame, Y: pd.DataFrame, models: dict, outcomes: Seq
     positives and rate per risk level in the first repeat (models with ``predict_risk``), "folds": [...]}``;
     ``folds`` holds ``(outcome, model, train_index, fitted)`` when ``keep_models``.
     """
-    outcomes = list(Y.columns if outcomes is None else outcomes)
+    outcomes = list(y_table.columns if outcomes is None else outcomes)
     rows, roc, levels, folds = [], {}, {}, []
     for outcome in outcomes:
-        features, y = outcome_features(X, Y, outcome, with_screening), Y[outcome].to_numpy()
+        features, y = outcome_features(x, y_table, outcome, with_screening), y_table[outcome].to_numpy()
         oof = {name: np.zeros(len(y)) for name in models}
         oof_levels = {name: np.empty(len(y), dtype=object) for name in models if hasattr(models[name], "predict_risk")}
         for k, (train, test) in enumerate(fold_indices(y, n_splits, repeats, seed, groups)):
@@ -754,8 +856,15 @@ def cross_validate(X: pd.DataFrame, Y: pd.DataFrame, models: dict, outcomes: Seq
             for name, model in models.items():
                 fitted = clone(model).fit(features.iloc[train], y[train])
                 prob = fitted.predict_proba(features.iloc[test])[:, 1]
-                rows.append({"outcome": outcome, "model": name, "repeat": repeat, "fold": fold,
-                             **binary_metrics(y[test], prob, threshold)})
+                rows.append(
+                    {
+                        "outcome": outcome,
+                        "model": name,
+                        "repeat": repeat,
+                        "fold": fold,
+                        **binary_metrics(y[test], prob, threshold),
+                    }
+                )
                 if repeat == 0:
                     oof[name][test] = prob
                     if name in oof_levels:
@@ -774,8 +883,13 @@ def fold_indices(y, n_splits: int = 5, repeats: int = 5, seed: int = 0, groups=N
         splitter = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=repeats, random_state=seed)
         return list(splitter.split(np.zeros(len(y)), y))
     groups = np.asarray(groups)
-    return [split for r in range(repeats) for split in StratifiedGroupKFold(
-        n_splits, shuffle=True, random_state=seed + r).split(np.zeros(len(y)), y, groups)]
+    return [
+        split
+        for r in range(repeats)
+        for split in StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed + r).split(
+            np.zeros(len(y)), y, groups
+        )
+    ]
 
 
 def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
@@ -785,16 +899,17 @@ def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([mean, std], axis=1).reset_index()
 
 
-def level_rates(model: TwoStageRiskModel, X, y) -> pd.DataFrame:
-    """Patients, positives and positive rate within each risk level of ``model`` on ``(X, y)``."""
-    return rates_by_level(model.predict_risk(X), y)
+def level_rates(model: TwoStageRiskModel, x, y) -> pd.DataFrame:
+    """Patients, positives and positive rate within each risk level of ``model`` on ``(x, y)``."""
+    return rates_by_level(model.predict_risk(x), y)
 
 
 def rates_by_level(levels, y) -> pd.DataFrame:
     """Patients, positives and positive rate per risk level, from each row's level and 0/1 outcome."""
     levels, y = np.asarray(levels, dtype=object), np.asarray(y)
-    rows = [{"level": lv, "n": int((levels == lv).sum()), "positives": int(y[levels == lv].sum())}
-            for lv in RISK_LEVELS]
+    rows = [
+        {"level": lv, "n": int((levels == lv).sum()), "positives": int(y[levels == lv].sum())} for lv in RISK_LEVELS
+    ]
     frame = pd.DataFrame(rows)
     frame["rate"] = frame["positives"] / frame["n"].where(frame["n"] > 0)
     return frame

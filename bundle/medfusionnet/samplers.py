@@ -65,9 +65,17 @@ class BalancedMultilabelSampler(Sampler[int]):
         seed: base seed; each epoch (`set_epoch`) draws differently.
     """
 
-    def __init__(self, labels, power: float = 1.0, max_repeats: int = 3, no_finding_factor: float = 0.5,
-                 num_samples: int | None = None, num_replicas: int | None = None, rank: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        labels,
+        power: float = 1.0,
+        max_repeats: int = 3,
+        no_finding_factor: float = 0.5,
+        num_samples: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+    ):
         distributed = is_distributed()
         self.num_replicas = num_replicas or (torch.distributed.get_world_size() if distributed else 1)
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
@@ -83,8 +91,10 @@ class BalancedMultilabelSampler(Sampler[int]):
         # per rank, rounded down (as drop_last) so every rank draws the same number from its shard
         self.num_samples = max(total // self.num_replicas, 1)
         if self.num_samples > self.max_repeats * (len(self.labels) // self.num_replicas):
-            raise ValueError(f"num_samples={total} exceeds max_repeats={max_repeats} draws of each of the "
-                             f"{len(self.labels)} images")
+            raise ValueError(
+                f"num_samples={total} exceeds max_repeats={max_repeats} draws of each of the "
+                f"{len(self.labels)} images"
+            )
         self.seed = int(seed)
         self.epoch = 0
 
@@ -111,8 +121,9 @@ class BalancedMultilabelSampler(Sampler[int]):
         return self.num_samples
 
 
-def training_sampler(records, sampling: str = "balanced", max_repeats: int = 3, no_finding_factor: float = 0.5,
-                     seed: int = 0) -> BalancedMultilabelSampler | None:
+def training_sampler(
+    records, sampling: str = "balanced", max_repeats: int = 3, no_finding_factor: float = 0.5, seed: int = 0
+) -> BalancedMultilabelSampler | None:
     """The training sampler for ``sampling``: ``balanced`` (`BalancedMultilabelSampler`) or ``natural`` (None: the
     loader shuffles, or shards with a `DistributedSampler` under torchrun)."""
     if sampling == "natural":

@@ -103,13 +103,19 @@ def check_training_settings(**settings) -> None:
     if "val_fraction" in settings and "test_fraction" in settings:
         total = settings["val_fraction"] + settings["test_fraction"]
         if total >= 1:
-            raise ValueError(f"val_fraction={settings['val_fraction']!r} and test_fraction="
-                             f"{settings['test_fraction']!r} add up to {total:g}: their sum must stay below 1")
+            raise ValueError(
+                f"val_fraction={settings['val_fraction']!r} and test_fraction="
+                f"{settings['test_fraction']!r} add up to {total:g}: their sum must stay below 1"
+            )
     if settings.get("warmup_epochs", 0) and settings["warmup_epochs"] >= settings.get("max_epochs", math.inf):
-        raise ValueError(f"warmup_epochs={settings['warmup_epochs']!r} is not valid: use fewer than max_epochs="
-                         f"{settings['max_epochs']!r}")
+        raise ValueError(
+            f"warmup_epochs={settings['warmup_epochs']!r} is not valid: use fewer than max_epochs="
+            f"{settings['max_epochs']!r}"
+        )
     name, size = settings.get("network_name", "medfusionnet"), settings.get("image_size")
     if size is not None and name in NETWORKS_WITH_STRIDE and size % STRIDE:
         below = max(size // STRIDE * STRIDE, STRIDE)
-        raise ValueError(f"image_size={size!r} is not valid for network_name='{name}': use a multiple of {STRIDE} "
-                         f"(e.g. {below} or {below + STRIDE})")
+        raise ValueError(
+            f"image_size={size!r} is not valid for network_name='{name}': use a multiple of {STRIDE} "
+            f"(e.g. {below} or {below + STRIDE})"
+        )

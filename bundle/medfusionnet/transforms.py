@@ -85,9 +85,7 @@ class EncodeTabulard(Transform):
         return d
 
 
-def xray_transforms(
-    encoder: TabularEncoder, image_size: int, train: bool = False, with_label: bool = True
-) -> Compose:
+def xray_transforms(encoder: TabularEncoder, image_size: int, train: bool = False, with_label: bool = True) -> Compose:
     """The preprocessing of one workflow: load, encode tabular, resize/pad to ``image_size``, augment if ``train``.
 
     Augmentation is a mild random affine (rotation up to 10 degrees, scaling 0.9-1.1, shifts up to 5%), applied
@@ -105,7 +103,11 @@ def xray_transforms(
     if train:
         steps.append(
             RandAffined(
-                KEY_IMAGE, prob=0.5, rotate_range=np.deg2rad(10), scale_range=0.1, translate_range=0.05 * image_size,
+                KEY_IMAGE,
+                prob=0.5,
+                rotate_range=np.deg2rad(10),
+                scale_range=0.1,
+                translate_range=0.05 * image_size,
                 padding_mode="zeros",
             )
         )

@@ -35,7 +35,12 @@ def is_main_process() -> bool:
 
 
 def data_loader(
-    dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0, seed: int = 0, train: bool = False,
+    dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    train: bool = False,
     sampler=None,
 ) -> DataLoader:
     """A MONAI `DataLoader` that drops unreadable images from batches (`collate_skipping_unreadable`).
@@ -154,8 +159,14 @@ def amp_dtype(name: str) -> torch.dtype:
     return AMP_DTYPES[name]
 
 
-def training_network(network, device, cnn_weights: str | None = None, grad_checkpointing: bool = False,
-                     channels_last: bool = False, deep_supervision: bool = False):
+def training_network(
+    network,
+    device,
+    cnn_weights: str | None = None,
+    grad_checkpointing: bool = False,
+    channels_last: bool = False,
+    deep_supervision: bool = False,
+):
     """The network as training runs it: CNN weights loaded (`with_cnn_weights`), gradient checkpointing switched on
     when asked, branch logits returned in training when ``deep_supervision`` (for the auxiliary losses), moved to
     ``device`` (in channels-last memory format when asked, which suits tensor cores on CUDA).
@@ -170,8 +181,10 @@ def training_network(network, device, cnn_weights: str | None = None, grad_check
         network.set_grad_checkpointing(True)
     if deep_supervision:
         if getattr(network, "gate", None) is None:
-            raise ValueError(f"aux_loss_weight > 0 needs a network with a baseline path and a fusion to supervise "
-                             f"(medfusionnet with baseline_path and the CNN branch), not {type(network).__name__}")
+            raise ValueError(
+                f"aux_loss_weight > 0 needs a network with a baseline path and a fusion to supervise "
+                f"(medfusionnet with baseline_path and the CNN branch), not {type(network).__name__}"
+            )
         network.deep_supervision = True
     network = network.to(device)
     if channels_last:
@@ -232,17 +245,24 @@ def check_checkpoint(path: str, network) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     own = network.module.state_dict() if hasattr(network, "module") else network.state_dict()
-    shapes = [f"'{k}' is {tuple(v.shape)} in the checkpoint but {tuple(own[k].shape)} here"
-              for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    shapes = [
+        f"'{k}' is {tuple(v.shape)} in the checkpoint but {tuple(own[k].shape)} here"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     problems = []
     if shapes:
-        problems.append(f"{len(shapes)} parameter(s) differ in shape, e.g. {'; '.join(shapes[:3])} (another label "
-                        "set or network size?)")
+        problems.append(
+            f"{len(shapes)} parameter(s) differ in shape, e.g. {'; '.join(shapes[:3])} (another label "
+            "set or network size?)"
+        )
     if missing or unexpected:
-        problems.append(f"{len(missing)} parameter(s) of this network are absent from the checkpoint (e.g. "
-                        f"{missing[:3]}) and {len(unexpected)} are unknown here (e.g. {unexpected[:3]}) (another "
-                        "architecture or ablation?)")
+        problems.append(
+            f"{len(missing)} parameter(s) of this network are absent from the checkpoint (e.g. "
+            f"{missing[:3]}) and {len(unexpected)} are unknown here (e.g. {unexpected[:3]}) (another "
+            "architecture or ablation?)"
+        )
     if problems:
         raise ValueError(f"checkpoint {path} does not fit the configured network: " + "; ".join(problems))
