@@ -1,7 +1,7 @@
 """Explanation maps (Grad-CAM, Grad-CAM++, LRP) of a trained model, with localisation metrics against NIH boxes.
 
-    python scripts/explain.py --model_dir models --inputs ../shared/data/nih/images_full \\
-        --tabular_csv ../shared/data/nih/labels.csv --boxes_csv ../shared/data/nih/bbox.csv --output_dir runs/explain
+    python scripts/explain.py --model_dir models --input_dir ../shared/data/nih/images_full \\
+        --tabular_csv ../shared/data/nih/labels.csv --boxes_csv ../shared/data/nih/bbox.csv --explain_dir runs/explain
 
 The same workflow as ``configs/explain.yaml`` (`medfusionnet.explain_workflow.explain_images`); prints the
 localisation table (pointing game, adapted Rand error, IoBB, ...) for each method against the random-map baseline
@@ -23,8 +23,8 @@ def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", required=True, help="a training run's output_dir (model.pt, run_settings)")
-    parser.add_argument("--inputs", required=True, help="a folder searched recursively, or one image file")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--input_dir", required=True, help="a folder searched recursively, or one image file")
+    parser.add_argument("--explain_dir", required=True, help="where maps, overlays and tables are written")
     parser.add_argument("--tabular_csv", help="NIH-format CSV with age, sex, view and follow-up per image")
     parser.add_argument("--findings", nargs="+", help="default: findings above threshold, plus boxed ones")
     parser.add_argument("--methods", nargs="+", default=["gradcam", "lrp"], choices=explain.METHODS)
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     summary = explain_images(
         args.model_dir,
-        args.inputs,
-        args.output_dir,
+        args.input_dir,
+        args.explain_dir,
         args.tabular_csv,
         args.findings,
         args.methods,
@@ -50,9 +50,9 @@ def main(argv=None) -> int:
         args.box_frame,
         args.map_threshold,
         args.random_maps,
-        not args.no_sanity_check,
-        args.device,
-        args.seed,
+        sanity_check=not args.no_sanity_check,
+        device=args.device,
+        seed=args.seed,
     )
     keys = (
         "pointing_hit",

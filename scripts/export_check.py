@@ -2,7 +2,7 @@
 
     python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \\
         --meta_file metadata.json --config_file configs/inference.yaml
-    python scripts/export_check.py --model_dir models --inputs ../shared/data/nih/images_full \\
+    python scripts/export_check.py --model_dir models --input_dir ../shared/data/nih/images_full \\
         --tabular_csv ../shared/data/nih/labels.csv [--batch_size 16] [--output export_check.json]
 
 Runs both models on the same preprocessed batches (the inference transforms and the run's tabular encoder), with
@@ -38,9 +38,9 @@ def load_scripted(path: str):
     return module.eval(), extra
 
 
-def batches(encoder, image_size: int, inputs: str, tabular_csv: str | None, batch_size: int, limit: int):
-    """Preprocessed ``(image, tabular)`` batches of at most ``limit`` readable images under ``inputs``."""
-    records = folder_records(inputs, tabular_csv)[:limit]
+def batches(encoder, image_size: int, input_dir: str, tabular_csv: str | None, batch_size: int, limit: int):
+    """Preprocessed ``(image, tabular)`` batches of at most ``limit`` readable images under ``input_dir``."""
+    records = folder_records(input_dir, tabular_csv)[:limit]
     dataset = XrayDataset(records, xray_transforms(encoder, image_size, with_label=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping_unreadable)
     return [
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", required=True, help="a training run's output_dir (model.pt, run_settings)")
     parser.add_argument("--model_ts", help="the exported file (default: <model_dir>/model.ts)")
-    parser.add_argument("--inputs", required=True, help="folder of PNG/DICOM/NIfTI images")
+    parser.add_argument("--input_dir", required=True, help="folder of PNG/DICOM/NIfTI images")
     parser.add_argument("--tabular_csv")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=64, help="images used at most")
@@ -70,9 +70,9 @@ def main(argv=None) -> int:
         return 1
     eager, encoder, image_size, _ = load_trained(args.model_dir)
     scripted, extra = load_scripted(ts_path)
-    data = batches(encoder, image_size, args.inputs, args.tabular_csv, args.batch_size, args.limit)
+    data = batches(encoder, image_size, args.input_dir, args.tabular_csv, args.batch_size, args.limit)
     if not data:
-        print(f"no readable image under {args.inputs}")
+        print(f"no readable image under {args.input_dir}")
         return 1
     max_diff = {"with_tabular": 0.0, "without_tabular": 0.0}
     with torch.no_grad():

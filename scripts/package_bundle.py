@@ -4,12 +4,14 @@
 
 Layout of ``<output_dir>/<name>`` (zipped to ``<output_dir>/<name>.zip``)::
 
-    configs/   metadata.json (a real file), inference.yaml, common.yaml, train.yaml, evaluate.yaml, explain.yaml,
+    configs/   metadata.json (a real file), inference.yaml, train.yaml, evaluate.yaml, explain.yaml,
                multi_gpu_train.yaml, logging.conf
     models/    model.pt and the run files inference reads (run_settings, tabular_encoder, thresholds, calibration)
     docs/      README.md (the bundle card), architecture.md, reliability.md, data_license.txt, images/
     medfusionnet/  the bundle's code, importable because MONAI's commands run from the bundle root
-    LICENSE, large_files.yml (model.pt with its SHA-256, and its download URL when given)
+    demo_data/ a few synthetic X-rays (not real images), inference.yaml's default input
+    LICENSE, and with --weights_url large_files.yml (model.pt's download address and SHA-256); without it model.pt
+    stays in models/ (a warning when it exceeds the zoo's 25 MB limit)
 
 Inside the unpacked folder: ``python -m monai.bundle run --config_file configs/inference.yaml --input_dir <xrays>``.
 The Python packages inference needs are ``monai`` and metadata.json's ``required_packages_version``.
@@ -20,17 +22,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
 
 import yaml
 
+from medfusionnet.demo import make_demo_dataset
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_PATIENTS = 4  # synthetic demo patients shipped in demo_data/
+logger = logging.getLogger("package_bundle")
+ZOO_FILE_LIMIT_MB = 25  # the largest file the Model Zoo's repository holds; larger ones go in large_files.yml
 # Zoo bundles are named <anatomy/modality>_<task>
 NAME = "cxr14_medfusionnet_classification"
 CONFIGS = (
-    "common.yaml",
     "train.yaml",
     "evaluate.yaml",
     "inference.yaml",
@@ -86,14 +93,22 @@ def package(model_dir: str, output_dir: str, name: str = NAME, weights_url: str 
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
     )
     shutil.copy2(os.path.join(REPO, "LICENSE"), os.path.join(root, "LICENSE"))
+    # inference.yaml's default input_dir: a few synthetic images, so the bundle runs (and the zoo's property check
+    # builds its dataset) before a user points it at real X-rays
+    make_demo_dataset(os.path.join(root, "demo_data"), num_patients=SAMPLE_PATIENTS)
     weights = os.path.join(root, "models", "model.pt")
-    large_files = {
-        "large_files": [
-            {"path": "models/model.pt", "url": weights_url, "hash_val": sha256(weights), "hash_type": "sha256"}
-        ]
-    }
-    with open(os.path.join(root, "large_files.yml"), "w") as f:
-        yaml.safe_dump(large_files, f, sort_keys=False)
+    size_mb = os.path.getsize(weights) / 2**20
+    if weights_url:
+        entry = {"path": "models/model.pt", "url": weights_url, "hash_val": sha256(weights), "hash_type": "sha256"}
+        with open(os.path.join(root, "large_files.yml"), "w") as f:
+            yaml.safe_dump({"large_files": [entry]}, f, sort_keys=False)
+    elif size_mb > ZOO_FILE_LIMIT_MB:
+        logger.warning(
+            "models/model.pt is %.0f MB: the Model Zoo keeps files over %d MB out of its repository; upload it and "
+            "package again with --weights_url <its address> (written to large_files.yml with its SHA-256)",
+            size_mb,
+            ZOO_FILE_LIMIT_MB,
+        )
     return shutil.make_archive(root, "zip", root_dir=output_dir, base_dir=name)
 
 
@@ -115,8 +130,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model_dir", required=True, help="a training run's output_dir")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--name", default=NAME)
-    parser.add_argument("--weights_url", default="", help="where model.pt will be downloadable (large_files.yml)")
+    parser.add_argument("--weights_url", default="", help="where model.pt can be downloaded (for large_files.yml)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     archive = package(args.model_dir, args.output_dir, args.name, args.weights_url)
     print(f"wrote {os.path.join(args.output_dir, args.name)} and {archive}")
     print("requirements: " + " ".join(requirements()))

@@ -25,12 +25,12 @@ def test_risk_tier_rule():
     assert rule(_decisions("Nodule")) == "medium"
     assert rule(_decisions("Pneumothorax")) == "high"  # urgent on its own
     assert rule(_decisions("Nodule", "Mass")) == "high"  # several findings
-    assert RiskTierRule(urgent=(), several=3)(_decisions("Nodule", "Mass")) == "medium"
+    assert RiskTierRule(urgent=(), high_risk_count=3)(_decisions("Nodule", "Mass")) == "medium"
     assert "Pneumothorax" in rule.describe()
     with pytest.raises(ValueError, match="Tumour"):
         RiskTierRule(urgent=("Tumour",))
-    with pytest.raises(ValueError, match="several=0"):
-        RiskTierRule(several=0)
+    with pytest.raises(ValueError, match="high_risk_count=0"):
+        RiskTierRule(high_risk_count=0)
 
 
 def _overconfident(n=3000, temperature=3.0, seed=0):

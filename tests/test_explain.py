@@ -274,7 +274,7 @@ def test_explain_workflow_on_the_boxed_nih_images(model_dir, tmp_path):
         str(NIH / "labels.csv"),
         findings=["Mass"],
         methods=("gradcam", "lrp"),
-        layers=("cnn", "t2c"),
+        cam_layers=("cnn", "t2c"),
         boxes_csv=str(NIH / "bbox.csv"),
         random_maps=2,
     )

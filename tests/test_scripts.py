@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import logging
 import os
 import sys
 
@@ -112,7 +113,7 @@ def test_imbalance_study_summary_by_hand():
     assert set(study.SETTINGS) == {"baseline", "toolkit"}
 
 
-def test_package_bundle_layout(tmp_path):
+def test_package_bundle_layout(tmp_path, monkeypatch, caplog):
     import zipfile
 
     import yaml
@@ -135,11 +136,19 @@ def test_package_bundle_layout(tmp_path):
         "docs/data_license.txt",
         "LICENSE",
         "medfusionnet/network.py",
-        "large_files.yml",
+        "demo_data/images/00000001_000.png",
     ):
         assert (root / path).is_file(), path
+    assert not (root / "large_files.yml").exists()  # without a download address the weights stay in models/
+    monkeypatch.setattr(package, "ZOO_FILE_LIMIT_MB", 0)
+    with caplog.at_level(logging.WARNING):
+        package.package(str(run), str(tmp_path / "dist"), weights_url="https://example.org/model.pt")
+    assert "--weights_url" not in caplog.text  # a download address was given: no warning
     entry = yaml.safe_load((root / "large_files.yml").read_text())["large_files"][0]
     assert entry["path"] == "models/model.pt" and entry["hash_val"] == package.sha256(str(run / "model.pt"))
+    assert entry["url"] == "https://example.org/model.pt"
+    package.package(str(run), str(tmp_path / "dist"))
+    assert "Model Zoo keeps files over 0 MB" in caplog.text and "--weights_url" in caplog.text
     names = zipfile.ZipFile(archive).namelist()
     assert f"{package.NAME}/configs/metadata.json" in names and not any("__pycache__" in n for n in names)
     assert any(r.startswith("monai==") for r in package.requirements())
@@ -390,3 +399,35 @@ def test_learning_curve_reads_each_budget_and_plots(tmp_path, capsys):
         curve.parse_runs(["e5"])
     with pytest.raises(FileNotFoundError, match="20 epochs: .*results.csv does not exist"):
         curve.read_curve({20: tmp_path / "none"})
+
+
+def test_the_model_zoo_ci_passes_on_the_package_from_the_zoo_root(tmp_path):
+    """The zoo's own scripts (ci/verify_bundle.py -m full: layout, metadata schema, inference properties, data
+    shape, TorchScript export) and its format checks, run from the zoo's root as its CI runs them."""
+    import shutil
+    import subprocess
+
+    zoo_ci = require(REPO.parent / "shared" / "tools" / "model-zoo-ci")
+    package = _script("package_bundle")
+    run = write_tiny_run(tmp_path / "run")
+    package.package(str(run), str(tmp_path / "dist"))
+    zoo = tmp_path / "zoo"
+    shutil.copytree(zoo_ci, zoo)
+    bundle = zoo / "models" / package.NAME
+    shutil.copytree(tmp_path / "dist" / package.NAME, bundle)
+    (bundle / "eval").mkdir()
+    shutil.copy(zoo / "models" / "meta_schema_20240725.json", bundle / "eval" / "schema.json")  # nothing downloaded
+    commands = [
+        ["ci/verify_bundle.py", "-b", package.NAME, "-p", "models", "-m", "full"],
+        ["-m", "black", "--check", f"models/{package.NAME}"],
+        ["-m", "isort", "--check-only", f"models/{package.NAME}"],
+        ["-m", "flake8", f"models/{package.NAME}"],
+    ]
+    for command in commands:
+        proc = subprocess.run([sys.executable, *command], cwd=zoo, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{command}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    assert (bundle / "models" / "verify_model.ts").is_file()
+    json_files = [p for p in bundle.rglob("*.json") if p.parent.name != "eval"]
+    for path in json_files:  # the zoo's pre-commit layout
+        text = path.read_text()
+        assert text.endswith("\n") and not text.endswith("\n\n") and '\n    "' in text, path

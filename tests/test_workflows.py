@@ -62,15 +62,16 @@ def test_verify_metadata_and_network():
     assert "verified with no error" in log
 
 
-def test_verify_net_in_out_with_tabular_input(monkeypatch):
+def test_verify_net_in_out_with_tabular_input(monkeypatch, tmp_path):
     from monai.bundle import verify_net_in_out
 
-    monkeypatch.chdir(REPO)  # the configs' macros name files relative to the bundle root
+    monkeypatch.chdir(tmp_path)  # any working directory: the configs name no file relative to it
     for tabular in (None, torch.zeros(1, medfusionnet.NUM_TABULAR_FEATURES)):
         verify_net_in_out(
             "network_def",
-            meta_file="metadata.json",
-            config_file="configs/inference.yaml",
+            meta_file=str(REPO / "metadata.json"),
+            config_file=str(REPO / "configs" / "inference.yaml"),
+            bundle_root=str(REPO),
             extra_forward_args={"tabular": tabular},
             output_dir=str(REPO / "no_such_run"),
         )
@@ -148,7 +149,7 @@ def test_demo_train_evaluate_infer(tmp_path):
                 [
                     "--model_dir",
                     str(out),
-                    "--inputs",
+                    "--input_dir",
                     str(nih / "images_full"),
                     "--tabular_csv",
                     str(nih / "labels.csv"),
@@ -259,7 +260,7 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
     bundle(
         "run",
         "--config_file",
-        "configs/explain.yaml",
+        "['configs/inference.yaml','configs/explain.yaml']",
         "--output_dir",
         out,
         "--explain_dir",

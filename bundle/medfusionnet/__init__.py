@@ -5,7 +5,7 @@ from .network import MedFusionNet
 from .registry import NETWORKS, create_network
 from .tabular import NUM_TABULAR_FEATURES, TabularEncoder
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "LABELS",

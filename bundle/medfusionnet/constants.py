@@ -49,3 +49,6 @@ RAW_TABULAR_KEYS = (KEY_AGE, KEY_SEX, KEY_VIEW, KEY_FOLLOW_UP)
 MAX_PLAUSIBLE_AGE = 120.0  # NIH lists ages such as 412; anything above this is treated as missing
 SEX_CATEGORIES = ("M", "F")
 VIEW_CATEGORIES = ("PA", "AP")
+
+# Risk levels, lowest first: the inference tier of an image and the tabular risk model's level of a patient.
+RISK_LEVELS: tuple[str, ...] = ("low", "medium", "high")

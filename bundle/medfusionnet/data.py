@@ -39,7 +39,7 @@ from .constants import (
     SEX_CATEGORIES,
     VIEW_CATEGORIES,
 )
-from .files import write_text_atomic
+from .files import write_json_atomic
 from .tabular import TabularEncoder, parse_age, parse_sex, parse_view
 
 logger = logging.getLogger(__name__)
@@ -383,8 +383,9 @@ def _make_demo_once(demo_dir: str) -> str:
     import torch.distributed as dist
 
     from .demo import make_demo_dataset
+    from .workflows import is_distributed
 
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = is_distributed()
     if distributed and dist.get_rank() != 0:
         dist.barrier()
         return make_demo_dataset(demo_dir)
@@ -472,5 +473,5 @@ def prepare_datasets(
         os.makedirs(output_dir, exist_ok=True)
         encoder.save(os.path.join(output_dir, "tabular_encoder.json"))
         summary = {"num_train": len(lists["train"]), "positives": dict(zip(LABELS, counts))}
-        write_text_atomic(os.path.join(output_dir, "label_counts.json"), json.dumps(summary, indent=2))
+        write_json_atomic(os.path.join(output_dir, "label_counts.json"), summary)
     return PreparedData(lists["train"], lists["val"], lists["test"], encoder, counts, synthetic)

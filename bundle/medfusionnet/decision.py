@@ -11,16 +11,16 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from monai.metrics import calibration_binning
 
-from .constants import LABELS
-from .files import write_text_atomic
+from .constants import LABELS, RISK_LEVELS
+from .files import write_json_atomic
 
-TIERS: tuple[str, ...] = ("low", "medium", "high")
 URGENT_FINDINGS: tuple[str, ...] = ("Pneumothorax",)
 
 
@@ -29,29 +29,34 @@ class RiskTierRule:
 
     Args:
         urgent: findings that make the tier ``high`` on their own.
-        several: number of positive findings that makes the tier ``high``.
+        high_risk_count: number of positive findings that makes the tier ``high``.
         labels: finding names, in the order of the decisions.
     """
 
-    def __init__(self, urgent: Sequence[str] = URGENT_FINDINGS, several: int = 2, labels: Sequence[str] = LABELS):
+    def __init__(
+        self, urgent: Sequence[str] = URGENT_FINDINGS, high_risk_count: int = 2, labels: Sequence[str] = LABELS
+    ):
         unknown = [f for f in urgent if f not in labels]
         if unknown:
             raise ValueError(f"urgent findings {unknown} are not among the labels {list(labels)}")
-        if int(several) < 1:
-            raise ValueError(f"several={several}: the number of findings that makes a tier high must be >= 1")
-        self.urgent, self.several, self.labels = set(urgent), int(several), list(labels)
+        if int(high_risk_count) < 1:
+            raise ValueError(
+                f"high_risk_count={high_risk_count}: the number of findings that makes a tier high must be >= 1"
+            )
+        self.urgent, self.high_risk_count, self.labels = set(urgent), int(high_risk_count), list(labels)
 
     def __call__(self, decisions: Sequence[bool]) -> str:
         """``low`` / ``medium`` / ``high`` for one image's decisions (one bool per label)."""
         positives = [label for label, d in zip(self.labels, decisions) if d]
-        if len(positives) >= self.several or self.urgent.intersection(positives):
-            return "high"
-        return "medium" if positives else "low"
+        low, medium, high = RISK_LEVELS
+        if len(positives) >= self.high_risk_count or self.urgent.intersection(positives):
+            return high
+        return medium if positives else low
 
     def describe(self) -> str:
         """The rule in words, written next to the outputs."""
         return (
-            f"high: any of {sorted(self.urgent)} or at least {self.several} findings at or above their "
+            f"high: any of {sorted(self.urgent)} or at least {self.high_risk_count} findings at or above their "
             "thresholds; medium: any one finding; low: none"
         )
 
@@ -97,11 +102,8 @@ class TemperatureScaling:
 
     def save(self, path: str) -> None:
         """Write ``{"temperatures": {finding: T}}`` as JSON."""
-        write_text_atomic(
-            path,
-            json.dumps(
-                {"method": "temperature_scaling", "temperatures": dict(zip(self.labels, self.temperatures_))}, indent=2
-            ),
+        write_json_atomic(
+            path, {"method": "temperature_scaling", "temperatures": dict(zip(self.labels, self.temperatures_))}
         )
 
     @classmethod
@@ -115,6 +117,13 @@ class TemperatureScaling:
         scaler = cls(labels)
         scaler.temperatures_ = [float(saved[label]) for label in labels]
         return scaler
+
+    @classmethod
+    def load_if_present(
+        cls, path: str, labels: Sequence[str] = LABELS, enabled: bool = True
+    ) -> TemperatureScaling | None:
+        """`load` when ``enabled`` and ``path`` exists; None otherwise (probabilities are reported uncalibrated)."""
+        return cls.load(path, labels) if enabled and os.path.isfile(path) else None
 
 
 def probabilities_to_logits(probs: np.ndarray, eps: float = 1e-7) -> np.ndarray:

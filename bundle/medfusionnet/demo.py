@@ -26,6 +26,7 @@ from .constants import (
     LABELS,
     NO_FINDING,
 )
+from .files import to_json
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def make_demo_dataset(root: str, num_patients: int = 160, image_size: int = 96, 
             )
     pd.DataFrame(rows).to_csv(os.path.join(tmp, "Data_Entry_2017.csv"), index=False)
     with open(os.path.join(tmp, "demo.json"), "w") as f:
-        json.dump(params, f)
+        f.write(to_json(params))
     if os.path.isfile(marker):
         with open(marker) as f:
             if json.load(f) == params:  # another process finished first

@@ -8,7 +8,6 @@ encoder and image size).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from ignite.engine import Engine, Events
 from . import explain
 from .constants import KEY_IMAGE, KEY_NAME, KEY_TABULAR, LABELS
 from .data import folder_records
+from .files import write_json_atomic
 from .handlers import load_thresholds
 from .registry import create_network
 from .tabular import TabularEncoder
@@ -124,46 +124,46 @@ def _safe(text: str) -> str:
 
 def explain_images(
     model_dir: str,
-    inputs: str,
-    output_dir: str,
+    input_dir: str,
+    explain_dir: str,
     tabular_csv: str | None = None,
     findings: Sequence[str] | None = None,
     methods: Sequence[str] = ("gradcam", "lrp"),
-    layers: Sequence[str] = ("cnn",),
+    cam_layers: Sequence[str] = ("cnn",),
     boxes_csv: str | None = None,
     box_frame: int = explain.NIH_BOX_FRAME,
     map_threshold: float = 0.5,
     random_maps: int = 20,
-    sanity: bool = True,
+    sanity_check: bool = True,
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> dict:
-    """Explain every image under ``inputs`` (a folder, or one file) with a trained model; returns the summary.
+    """Explain every image under ``input_dir`` (a folder, or one file) with a trained model; returns the summary.
 
     Findings explained per image: ``findings`` when given; otherwise those at or above their saved threshold (the
     most probable one when none is), plus every finding that has a box for that image. Writes under
-    ``output_dir``: ``maps/<image>_<finding>_<method>[_<layer>].npy`` (float32 map at the model's input size),
+    ``explain_dir``: ``maps/<image>_<finding>_<method>[_<layer>].npy`` (float32 map at the model's input size),
     ``overlays/... .png``, ``explanations.csv`` (one row per map) and ``summary.json``. With ``boxes_csv`` (NIH
     format; coordinates in a ``box_frame`` px square frame) also ``localisation.csv``: `explain.LOCALISATION_KEYS`
-    per map and for ``random_maps`` smoothed random maps. With ``sanity`` each map is compared with the same method
+    per map and for ``random_maps`` smoothed random maps. With ``sanity_check`` each map is compared with the same method
     on a re-initialised network (Spearman rank correlation; near 1 would mean the map ignores the weights).
     """
     network, encoder, image_size, thresholds = load_trained(model_dir, device)
-    pairs = _methods(methods, layers)
+    pairs = _methods(methods, cam_layers)
     unknown = [f for f in findings or () if f not in LABELS]
     if unknown:
         raise ValueError(f"finding(s) {unknown} are not among the 14 labels {list(LABELS)}")
     boxes = boxes_by_image(boxes_csv)
-    if os.path.isdir(inputs):
-        records = folder_records(inputs, tabular_csv)
-    elif os.path.isfile(inputs):
-        records = [{KEY_IMAGE: inputs, KEY_NAME: os.path.basename(inputs)}]
+    if os.path.isdir(input_dir):
+        records = folder_records(input_dir, tabular_csv)
+    elif os.path.isfile(input_dir):
+        records = [{KEY_IMAGE: input_dir, KEY_NAME: os.path.basename(input_dir)}]
     else:
-        raise FileNotFoundError(f"inputs '{inputs}' is neither a folder nor a file")
+        raise FileNotFoundError(f"input_dir '{input_dir}' is neither a folder nor a file")
     transform = xray_transforms(encoder, image_size, with_label=False)
-    random_net = randomised_copy(saved_setting(model_dir, "network_args")).to(device) if sanity else None
+    random_net = randomised_copy(saved_setting(model_dir, "network_args")).to(device) if sanity_check else None
     for sub in ("maps", "overlays"):
-        os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
+        os.makedirs(os.path.join(explain_dir, sub), exist_ok=True)
     rng = np.random.default_rng(seed)
     rows, loc_rows, skipped = [], [], []
     for record in records:
@@ -200,9 +200,9 @@ def explain_images(
                 saliency = explain.explanation_map(network, method, image, c, tabular, layer)[0, 0].cpu().numpy()
                 tag = method if method == "lrp" else f"{method}_{layer}"
                 stem = _safe(f"{os.path.splitext(name)[0]}_{finding}_{tag}")
-                np.save(os.path.join(output_dir, "maps", stem + ".npy"), saliency.astype(np.float32))
+                np.save(os.path.join(explain_dir, "maps", stem + ".npy"), saliency.astype(np.float32))
                 save_overlay(
-                    os.path.join(output_dir, "overlays", stem + ".png"),
+                    os.path.join(explain_dir, "overlays", stem + ".png"),
                     image[0, 0].cpu().numpy(),
                     saliency,
                     f"{name}\n{finding} p={probs[c]:.3f} ({method}" + ("" if method == "lrp" else f", {layer}") + ")",
@@ -246,17 +246,16 @@ def explain_images(
                         }
                     )
     summary = _summarise(rows, loc_rows, skipped, model_dir, map_threshold)
-    _write_csv(os.path.join(output_dir, "explanations.csv"), rows)
+    _write_csv(os.path.join(explain_dir, "explanations.csv"), rows)
     if loc_rows:
-        _write_csv(os.path.join(output_dir, "localisation.csv"), loc_rows)
-    with open(os.path.join(output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        _write_csv(os.path.join(explain_dir, "localisation.csv"), loc_rows)
+    write_json_atomic(os.path.join(explain_dir, "summary.json"), summary)
     logger.info(
         "explained %d image(s) (%d map(s), %d skipped) into %s",
         len(records) - len(skipped),
         len(rows),
         len(skipped),
-        output_dir,
+        explain_dir,
     )
     return summary
 
@@ -373,8 +372,7 @@ class LocalisationHandler:
                 "scores": scores,
                 "random_baseline": random,
             }
-            with open(os.path.join(self.output_dir, "localisation.json"), "w") as f:
-                json.dump(report, f, indent=2)
+            write_json_atomic(os.path.join(self.output_dir, "localisation.json"), report)
             logger.info(
                 "localisation (%s, %s) over %d map(s): pointing game %.3f (random %.3f)",
                 self.method,

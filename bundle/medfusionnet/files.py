@@ -4,6 +4,7 @@ full disk at any moment leaves the previous file whole and no partial file behin
 from __future__ import annotations
 
 import errno
+import json
 import os
 from typing import IO, Callable
 
@@ -33,6 +34,20 @@ def write_text_atomic(path, text: str) -> None:
         OSError: with the original ``errno``, naming ``path`` (the previous file kept, no temporary file left).
     """
     _write_atomic(path, "w", lambda f: f.write(text))
+
+
+def to_json(obj) -> str:
+    """``obj`` as JSON text in the Model Zoo's layout: 4-space indent and a final newline."""
+    return json.dumps(obj, indent=4) + "\n"
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write ``obj`` to ``path`` atomically as JSON (`to_json`).
+
+    Raises:
+        OSError: with the original ``errno``, naming ``path`` (the previous file kept, no temporary file left).
+    """
+    write_text_atomic(path, to_json(obj))
 
 
 def save_torch_atomic(obj, path) -> None:

@@ -17,7 +17,7 @@ from monai.handlers import IgniteMetricHandler, from_engine
 
 from .constants import KEY_IMAGE, KEY_LABEL, KEY_NAME, KEY_PRED, LABELS
 from .decision import RiskTierRule, TemperatureScaling, calibration_error, probabilities_to_logits
-from .files import write_text_atomic
+from .files import write_json_atomic, write_text_atomic
 from .metrics import MultiLabelAUC, MultiLabelAUPRC, MultiLabelThresholdMetric, summarize
 from .workflows import is_distributed, is_main_process
 
@@ -72,9 +72,10 @@ class MeanThresholdMetric(_MultiLabelHandler):
         super().__init__(MultiLabelThresholdMetric(metric, thresholds), output_transform, labels, per_class)
 
 
-def load_thresholds(path: str | None, labels: Sequence[str] = LABELS) -> list[float] | None:
-    """Per-class thresholds from a ``thresholds.json`` written by `MetricsReport`; None when ``path`` is None."""
-    if path is None:
+def load_thresholds(path: str | None, labels: Sequence[str] = LABELS, required: bool = True) -> list[float] | None:
+    """Per-class thresholds from a ``thresholds.json`` written by `MetricsReport`; None when ``path`` is None, or
+    when the file is absent and not ``required`` (decisions then use 0.5)."""
+    if path is None or (not required and not os.path.isfile(path)):
         return None
     with open(path) as f:
         saved = json.load(f)
@@ -212,7 +213,7 @@ class MetricsReport(_OutputCollector):
                     for label, b, a, t in zip(self.labels, before, after, scaler.temperatures_)
                 },
             }
-        write_text_atomic(os.path.join(self.output_dir, "metrics.json"), json.dumps(report, indent=2))
+        write_json_atomic(os.path.join(self.output_dir, "metrics.json"), report)
         columns = list(next(iter(report["per_class"].values())).keys())
         lines = [",".join(["finding", *columns])]
         for label, values in report["per_class"].items():
@@ -221,7 +222,7 @@ class MetricsReport(_OutputCollector):
         write_text_atomic(os.path.join(self.output_dir, "metrics.csv"), "\n".join(lines) + "\n")
         if self.thresholds is None:
             chosen = {label: values["threshold"] for label, values in report["per_class"].items()}
-            write_text_atomic(os.path.join(self.output_dir, "thresholds.json"), json.dumps(chosen, indent=2))
+            write_json_atomic(os.path.join(self.output_dir, "thresholds.json"), chosen)
         if self.save_predictions:
             write_predictions_csv(os.path.join(self.output_dir, "predictions.csv"), rows, self.labels)
         if self.plot_roc:
@@ -357,7 +358,7 @@ class DecisionWriter(_OutputCollector):
             "thresholds": {label: round(float(t), 6) for label, t in zip(self.labels, shown_thresholds)},
             "images": items,
         }
-        write_text_atomic(os.path.join(self.output_dir, "decisions.json"), json.dumps(document, indent=2))
+        write_json_atomic(os.path.join(self.output_dir, "decisions.json"), document)
         path = os.path.join(self.output_dir, "decisions.csv")
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)

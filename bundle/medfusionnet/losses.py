@@ -3,7 +3,6 @@ combination. All take logits ``(B, K)`` and binary targets ``(B, K)`` and return
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -12,7 +11,7 @@ from monai.losses import DeepSupervisionLoss, FocalLoss
 from torch import nn
 from torch.nn import functional as F
 
-from .files import write_text_atomic
+from .files import write_json_atomic
 
 LOSSES = ("bce", "focal", "asl", "focal_asl", "bce_focal")
 
@@ -152,7 +151,7 @@ def _named_loss(name, label_counts, num_samples, class_weight_power, gamma, asl_
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         saved = {"power": class_weight_power, "weights": None if weight is None else weight.tolist()}
-        write_text_atomic(os.path.join(output_dir, "class_weights.json"), json.dumps(saved))
+        write_json_atomic(os.path.join(output_dir, "class_weights.json"), saved)
     bce = nn.BCEWithLogitsLoss(pos_weight=None, weight=weight)
     if name == "bce":
         return bce

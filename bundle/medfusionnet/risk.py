@@ -38,7 +38,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils.validation import check_is_fitted
 
-from .constants import LABELS
+from .constants import LABELS, RISK_LEVELS
 from .files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 CERVICAL_OUTCOMES: tuple[str, ...] = ("Hinselmann", "Schiller", "Citology", "Biopsy")
 # Compared after strip() and lower(): the UCI file writes '?', other copies blanks or 'NA'.
 SENTINELS: tuple[str, ...] = ("?", "", "na", "nan")
-RISK_LEVELS: tuple[str, ...] = ("low", "medium", "high")
 CV_METRICS: tuple[str, ...] = ("auc", "f1", "gmean", "balanced_accuracy", "sensitivity", "specificity")
 STAGE1_SCORES: tuple[str, ...] = ("auc", "f1")
 IMPUTATIONS: tuple[str, ...] = ("median", "ffill")
@@ -759,9 +758,11 @@ def save_models(path, models: dict, with_screening: bool = False, bins: dict | N
 
 def _readable_json(document) -> str:
     """JSON indented by level, with lists of plain values kept on one line (a forest's node arrays stay compact)."""
-    text = json.dumps(document, indent=2)
+    text = json.dumps(document, indent=4)
     # JSON strings cannot hold a raw newline, so only the layout whitespace is touched.
-    return re.sub(r"\[\n\s*([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text)
+    return (
+        re.sub(r"\[\n\s*([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text) + "\n"
+    )
 
 
 def load_models(path) -> dict:

@@ -160,9 +160,9 @@ class TabularEncoder:
 
     def save(self, path: str) -> TabularEncoder:
         """Write the encoder as JSON; returns ``self``."""
-        from .files import write_text_atomic
+        from .files import write_json_atomic
 
-        write_text_atomic(path, json.dumps(self.state_dict(), indent=2))
+        write_json_atomic(path, self.state_dict())
         return self
 
     @classmethod

@@ -9,7 +9,7 @@ import torch
 from monai.data import DataLoader, DistributedSampler
 
 from .constants import KEY_IMAGE
-from .files import write_text_atomic
+from .files import write_json_atomic
 from .transforms import collate_skipping_unreadable
 
 
@@ -103,13 +103,12 @@ RUN_SETTINGS_FILE = "run_settings.json"
 def save_run_settings(output_dir: str, **settings) -> None:
     """Write the settings that evaluation and inference must reuse (image size, network name) to
     ``<output_dir>/run_settings.json``; only the main process writes."""
-    import json
     import os
 
     if not is_main_process():
         return
     os.makedirs(output_dir, exist_ok=True)
-    write_text_atomic(os.path.join(output_dir, RUN_SETTINGS_FILE), json.dumps(settings, indent=2))
+    write_json_atomic(os.path.join(output_dir, RUN_SETTINGS_FILE), settings)
 
 
 def saved_setting(output_dir: str, key: str, default=None):
