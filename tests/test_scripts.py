@@ -257,18 +257,25 @@ def test_prepare_nih_from_a_folder_and_an_archive(nih_dir, tmp_path, capsys):
     assert not (out / "images" / "leftover.png.tmp").exists()
 
 
-def _network_kwargs(overrides):
-    """The network keyword arguments that compare.py's bundle overrides set."""
+def _network_args(overrides):
+    """train.yaml's ``network_args`` with compare.py's bundle overrides, tiny sizes and 96 px."""
     import ast
 
-    names = {"--network_name": "name", "--network_size": "size"}
-    kwargs = {"name": "medfusionnet"}
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "configs" / "train.yaml"))
+    settings = {"network_size": "tiny", "image_size": 96, "label_counts": None}
     for flag, value in zip(overrides[::2], overrides[1::2]):
         try:
-            kwargs[names.get(flag, flag[2:])] = ast.literal_eval(value)
+            settings[flag[2:]] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            kwargs[names.get(flag, flag[2:])] = value
-    return kwargs
+            settings[flag[2:]] = value
+    parser.update(settings)
+    if settings.get("network_name") == "ctranscnn":
+        parser["network_args#size"] = "tiny"
+    parser.parse()
+    return parser.get_parsed_content("network_args")
 
 
 def test_every_compared_model_builds_and_gives_logits():
@@ -282,11 +289,10 @@ def test_every_compared_model_builds_and_gives_logits():
     compare = _script("compare")
     has_timm = importlib.util.find_spec("timm") is not None
     for model, overrides in compare.MODELS.items():
-        kwargs = _network_kwargs(overrides)
+        kwargs = _network_args(overrides)
         if kwargs["name"] in TIMM_NETWORKS and not has_timm:
             continue  # the optional extra; tests/test_timm_baselines.py covers these where it is installed
-        tiny = {"size": "tiny"} if kwargs["name"] in ("medfusionnet", "ctranscnn") else {}
-        net = medfusionnet.create_network(**kwargs, **tiny, image_size=96).eval()
+        net = medfusionnet.create_network(**kwargs).eval()
         with torch.no_grad():
             for tabular in (None, torch.zeros(2, medfusionnet.NUM_TABULAR_FEATURES)):
                 assert net(torch.rand(2, 1, 96, 96), tabular).shape == (2, 14), model

@@ -102,7 +102,8 @@ class DenseNet121Tabular(LateFusionClassifier):
     """MONAI's DenseNet-121 on a 1-channel X-ray, with the tabular embedding concatenated before the classifier.
 
     Shapes: image ``(B, in_channels, H, W)`` (H, W >= 32), tabular ``(B, num_tabular_features)`` or None;
-    returns logits ``(B, num_classes)`` without activation.
+    returns logits ``(B, num_classes)`` without activation. ``image_size`` is taken as every registered network takes
+    it and not used: the network pools globally, so any input side works.
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class DenseNet121Tabular(LateFusionClassifier):
         use_tabular: bool = True,
         tabular_embed_dim: int = 32,
         dropout_rate: float = 0.2,
+        image_size: Optional[int] = None,
     ):
         super().__init__()
         backbone = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)

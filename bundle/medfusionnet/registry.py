@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import logging
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -19,8 +19,6 @@ from .baselines import (
 )
 from .network import MedFusionNet
 from .related import ConvFCMAE, CTransCNN, ProbabilityEnsemble
-
-logger = logging.getLogger(__name__)
 
 NETWORKS: dict[str, type[nn.Module]] = {
     "medfusionnet": MedFusionNet,
@@ -55,14 +53,25 @@ TIMM_NETWORKS = (
 def create_network(name: str, **kwargs) -> nn.Module:
     """Build the network registered as ``name``.
 
-    Keyword arguments the network does not take (the MedFusionNet ablation switches given to a baseline, say) are
-    left out with an INFO log naming them, so one config serves every network.
+    A keyword named after a registered network holds that network's own arguments (a dict, e.g.
+    ``medfusionnet={"size": "tiny"}``): it is merged in when that network is built and left out for the others, so
+    one config carries MedFusionNet's switches and still builds a baseline. Every other keyword must be an argument
+    of the network.
+
+    Raises:
+        ValueError: for an unknown ``name``.
+        TypeError: naming the network and the arguments it does not take, or a per-network group that is not a dict.
     """
     if name not in NETWORKS:
         raise ValueError(f"network_name='{name}' is not known; choose one of {sorted(NETWORKS)}")
+    groups = {key: kwargs.pop(key) for key in list(kwargs) if key in NETWORKS}
+    for key, group in groups.items():
+        if group is not None and not isinstance(group, Mapping):
+            raise TypeError(f"network argument '{key}' must be a dict of {key}'s own arguments, not {group!r}")
+    kwargs.update(groups.get(name) or {})
     cls = NETWORKS[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    unused = sorted(k for k in kwargs if k not in accepted)
-    if unused:
-        logger.info("network '%s' does not use %s", name, ", ".join(unused))
-    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise TypeError(f"network '{name}' does not take {unknown}; its arguments are {accepted}")
+    return cls(**kwargs)

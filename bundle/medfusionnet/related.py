@@ -104,6 +104,7 @@ class ConvFCMAE(nn.Module):
     parameter tensors in order from the stem; None means the paper's 77.08 % when ``pretrained_path`` gives
     weights, and nothing frozen otherwise (fixing randomly initialised layers would only cripple the network). The
     paper's warm-up (three epochs training the head alone) is not part of the network and is not reproduced.
+    ``image_size`` is taken as every registered network takes it and not used (the head pools globally).
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class ConvFCMAE(nn.Module):
         num_heads: int = 4,
         hidden_dim: int = 512,
         dropout_rate: float = 0.25,
+        image_size: Optional[int] = None,
     ):
         super().__init__()
         timm = import_timm(model_name)
