@@ -46,8 +46,8 @@ def plot_curve(curve: pd.DataFrame, path: Path) -> None:
         color = f"C{i}"
         ax.plot(rows["epochs"], rows["auc"], "o-", color=color, label=f"{model} (best-validation epoch)")
         ax.plot(rows["epochs"], rows["auc_last"], "s--", color=color, label=f"{model} (last epoch)")
-    seeds = sorted(curve["seed"].unique())
-    ax.set(xlabel="training epochs", ylabel="test mean AUC", title=f"Learning curve (seeds {seeds})")
+    seeds = ", ".join(str(int(s)) for s in sorted(curve["seed"].unique()))
+    ax.set(xlabel="training epochs", ylabel="test mean AUC", title=f"Learning curve (seed {seeds})")
     ax.set_xticks(sorted(curve["epochs"].unique()))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
