@@ -26,6 +26,12 @@ def bundle(*args, timeout=900):
     return proc.stdout + proc.stderr
 
 
+def train_on_demo(tmp_path, out, max_epochs, *overrides):
+    """The training workflow on the demo set generated under ``tmp_path``, writing to ``out``; returns its log."""
+    config = ["--config_file", "configs/train.yaml", "--output_dir", out, "--demo_dir", tmp_path / "demo"]
+    return bundle("run", "training", *config, "--max_epochs", max_epochs, "--num_workers", 0, *overrides)
+
+
 def _script(name):
     import importlib.util
 
@@ -80,20 +86,7 @@ def test_verify_net_in_out_with_tabular_input(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_demo_train_evaluate_infer(tmp_path):
     out = tmp_path / "run"
-    log = bundle(
-        "run",
-        "training",
-        "--config_file",
-        "configs/train.yaml",
-        "--output_dir",
-        out,
-        "--demo_dir",
-        tmp_path / "demo",
-        "--max_epochs",
-        2,
-        "--num_workers",
-        0,
-    )
+    log = train_on_demo(tmp_path, out, max_epochs=2)
     assert "SYNTHETIC" in log and "Cannot find the metadata" not in log
     metrics = _check_training_outputs(out)
     assert metrics["mean"]["auc"] > 0.6  # the synthetic findings are learnable within two epochs
@@ -183,21 +176,7 @@ def test_demo_train_evaluate_infer(tmp_path):
 )
 def test_networks_and_ablations_selected_by_overrides(tmp_path, overrides):
     out = tmp_path / "run"
-    bundle(
-        "run",
-        "training",
-        "--config_file",
-        "configs/train.yaml",
-        "--output_dir",
-        out,
-        "--demo_dir",
-        tmp_path / "demo",
-        "--max_epochs",
-        1,
-        "--num_workers",
-        0,
-        *overrides,
-    )
+    train_on_demo(tmp_path, out, 1, *overrides)
     args = json.loads((out / "run_settings.json").read_text())["network_args"]
     for flag, value in zip(overrides[::2], overrides[1::2]):
         key = {"--network_name": "name", "--network_size": "size"}.get(flag, flag[2:])
