@@ -32,6 +32,11 @@ def train_on_demo(tmp_path, out, max_epochs, *overrides):
     return bundle("run", "training", *config, "--max_epochs", max_epochs, "--num_workers", 0, *overrides)
 
 
+def nih_256(nih_dir):
+    """Overrides that train on the shared NIH images at 256 px with their labels CSV."""
+    return ["--dataset_dir", nih_dir, "--labels_csv", nih_dir / "labels.csv", "--images_dir", nih_dir / "images_256"]
+
+
 def _script(name):
     import importlib.util
 
@@ -195,12 +200,7 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
         "training",
         "--config_file",
         "configs/train.yaml",
-        "--dataset_dir",
-        nih_dir,
-        "--labels_csv",
-        nih_dir / "labels.csv",
-        "--images_dir",
-        nih_dir / "images_256",
+        *nih_256(nih_dir),
         "--image_size",
         64,
         "--max_epochs",
@@ -216,12 +216,7 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
         "run",
         "--config_file",
         "['configs/train.yaml','configs/evaluate.yaml']",
-        "--dataset_dir",
-        nih_dir,
-        "--labels_csv",
-        nih_dir / "labels.csv",
-        "--images_dir",
-        nih_dir / "images_256",
+        *nih_256(nih_dir),
         "--output_dir",
         out,
         "--num_workers",
@@ -286,12 +281,7 @@ def test_two_process_cpu_training_with_torchrun(nih_dir, tmp_path):
     evaluation of the saved checkpoint on the same split."""
     out = tmp_path / "ddp"
     data = [
-        "--dataset_dir",
-        nih_dir,
-        "--labels_csv",
-        nih_dir / "labels.csv",
-        "--images_dir",
-        nih_dir / "images_256",
+        *nih_256(nih_dir),
         "--image_size",
         64,
         "--output_dir",
