@@ -48,9 +48,10 @@ class MedFusionNetInfer(InferTask):
 
     def _load(self):
         if self._loaded is None:
-            from medfusionnet.decision import RiskTierRule, TemperatureScaling
-            from medfusionnet.explain_workflow import load_trained
-            from medfusionnet.transforms import xray_transforms
+            from medfusionnet.data.transforms import xray_transforms
+            from medfusionnet.evaluation.calibration import TemperatureScaling
+            from medfusionnet.evaluation.decision import RiskTierRule
+            from medfusionnet.explain.workflow import load_trained
 
             models = os.path.join(self.bundle_path, "models")
             network, encoder, image_size, thresholds = load_trained(models)
@@ -69,10 +70,10 @@ class MedFusionNetInfer(InferTask):
         """``(label PNG path, result JSON)`` for ``request["image"]`` (a file path)."""
         from PIL import Image
 
-        from medfusionnet import explain
         from medfusionnet.constants import LABELS
-        from medfusionnet.decision import probabilities_to_logits
-        from medfusionnet.imaging import read_xray
+        from medfusionnet.data.image_reader import read_xray
+        from medfusionnet.evaluation.decision import decision_document
+        from medfusionnet.explain.saliency import gradcam, rescale_box
 
         m = self._load()
         path = request["image"]
@@ -81,32 +82,29 @@ class MedFusionNetInfer(InferTask):
         tabular = torch.as_tensor(item["tabular"])[None]
         with torch.no_grad():
             probs = torch.sigmoid(m["network"](image, tabular))[0].numpy().astype(np.float64)
-        decisions = probs >= m["thresholds"]
-        shown = m["calibration"].transform(probabilities_to_logits(probs[None]))[0] if m["calibration"] else probs
         top = int(np.argmax(probs))
-        cam = explain.gradcam(m["network"], image, top, tabular)[0, 0].numpy()
+        cam = gradcam(m["network"], image, top, tabular)[0, 0].numpy()
         # back to the X-ray's own frame: undo the centred padding, then resize to the file's size
         height, width = read_xray(path).array.shape
-        x0, y0, x1, y1 = explain.rescale_box((0, 0, width, height), (width, height), m["image_size"])
+        x0, y0, x1, y1 = rescale_box((0, 0, width, height), (width, height), m["image_size"])
         crop = cam[int(round(y0)) : int(round(y1)), int(round(x0)) : int(round(x1))]
         mask = np.asarray(Image.fromarray((crop >= 0.5).astype(np.uint8) * 255).resize((width, height))) > 127
         label_path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
         Image.fromarray(mask.astype(np.uint8)).save(label_path)
-        # thresholds on the scale of the reported probabilities (temperature scaling is monotone)
-        thresholds = (
-            m["calibration"].transform(probabilities_to_logits(m["thresholds"][None]))[0]
-            if m["calibration"]
-            else m["thresholds"]
+        # the same decisions, tier and calibrated scale as the bundle's inference (decision.decision_document)
+        document = decision_document(
+            [os.path.basename(path)], probs[None], m["thresholds"], m["rule"], m["calibration"], labels=LABELS
         )
+        image_result = document["images"][0]
         result = {
-            "image": os.path.basename(path),
-            "tier": m["rule"](decisions),
-            "rule": m["rule"].describe(),
-            "thresholds": {label: round(float(t), 6) for label, t in zip(LABELS, thresholds)},
-            "findings": [label for label, d in zip(LABELS, decisions) if d],
-            "probabilities": {label: round(float(p), 6) for label, p in zip(LABELS, shown)},
-            "decisions": {label: bool(d) for label, d in zip(LABELS, decisions)},
-            "calibrated": m["calibration"] is not None,
+            "image": image_result["image"],
+            "tier": image_result["tier"],
+            "rule": document["rule"],
+            "thresholds": document["thresholds"],
+            "findings": image_result["findings"],
+            "probabilities": image_result["probabilities"],
+            "decisions": image_result["decisions"],
+            "calibrated": document["calibrated"],
             "gradcam_finding": LABELS[top],
             "gradcam_label": "pixels at or above half the Grad-CAM maximum",
         }

@@ -6,7 +6,7 @@
                                 [--data_dir ../shared/data/nih/images_full --data_limit 64 --data_workers 2]
                                 [--output bench.json]
 
-For every network and variant (see `medfusionnet.benchmarking.Variant`): parameters, GMACs per image, training
+For every network and variant (see `medfusionnet.engine.benchmarking.Variant`): parameters, GMACs per image, training
 images/s (forward, backward and AdamW step), inference latency per batch and images/s, peak training memory, and
 achieved training FLOP/s as a fraction of a matrix product's FLOP/s measured on the same device in the same
 precision. Timings interleave all rows round by round (the first round is a warm-up, which also absorbs
@@ -29,7 +29,8 @@ import time
 import torch
 
 import medfusionnet
-from medfusionnet.benchmarking import (
+from medfusionnet.data.nih import folder_records
+from medfusionnet.engine.benchmarking import (
     Variant,
     data_pipeline_report,
     example_batch,
@@ -40,13 +41,12 @@ from medfusionnet.benchmarking import (
     train_step,
     training_flops,
 )
-from medfusionnet.data import folder_records
 
 
 def build(spec: str, num_classes: int = 14) -> torch.nn.Module:
     """A network from ``name`` or ``name:size`` (e.g. ``medfusionnet:tiny``)."""
     name, _, size = spec.partition(":")
-    return medfusionnet.create_network(name, num_classes=num_classes, **({"size": size} if size else {}))
+    return medfusionnet.create_network(name, num_classes=num_classes, **({"network_size": size} if size else {}))
 
 
 def gmacs_per_image(net: torch.nn.Module, image_size: int) -> float:

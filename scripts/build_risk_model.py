@@ -1,4 +1,4 @@
-"""Build and evaluate the two-stage risk model (medfusionnet.risk) on a CSV of features and binary outcomes.
+"""Build and evaluate the two-stage risk model (medfusionnet.risk.two_stage) on a CSV of features and binary outcomes.
 
     python scripts/build_risk_model.py --csv risk_factors_cervical_cancer.csv --output_dir out [--with_screening]
     python scripts/build_risk_model.py --csv labels.csv --nih --output_dir out
@@ -10,7 +10,7 @@ reference models, then fits the ``--stage2`` kind (default: forest) on all rows.
 out of fold and on the training data), ``tree_<outcome>.png`` (the readable stage-2 tree), ``roc_curves.png`` and,
 with ``--export_tabular``, ``tabular_features.csv``. ``--with_screening`` evaluates both settings, (a) risk factors
 only and (b) with the other outcomes as features, and saves the model of setting (b). ``--config`` is a YAML file
-with optional ``bins:`` (see medfusionnet/risk_bins.yaml) and ``params:`` (TwoStageRiskModel arguments for the
+with optional ``bins:`` (see medfusionnet/risk/risk_bins.yaml) and ``params:`` (TwoStageRiskModel arguments for the
 ``--stage2`` kind).
 """
 
@@ -26,9 +26,9 @@ import yaml
 from sklearn.metrics import roc_curve
 from sklearn.tree import plot_tree
 
-from medfusionnet import risk  # noqa: E402
 from medfusionnet.constants import LABELS  # noqa: E402
-from medfusionnet.data import read_nih_csv  # noqa: E402
+from medfusionnet.data.nih import read_nih_csv  # noqa: E402
+from medfusionnet.risk import two_stage  # noqa: E402
 
 SETTINGS = {False: "(a) risk factors only", True: "(b) with screening results"}
 
@@ -38,21 +38,23 @@ def load_data(csv, nih=False, outcomes=None, features=None):
     patient ids that keep a patient's images in one CV fold; None for one row per patient)."""
     if nih:
         frame = read_nih_csv(csv)
-        x, y_table = risk.nih_tables(frame)
+        x, y_table = two_stage.nih_tables(frame)
         x = x[features] if features else x
         y_table = y_table[outcomes] if outcomes else y_table
         return x, y_table, frame["name"].rename("name"), frame["patient_id"].to_numpy()
     if not outcomes:
         header = pd.read_csv(csv, nrows=0).columns.str.strip()
-        outcomes = [c for c in risk.CERVICAL_OUTCOMES if c in header]
+        outcomes = [c for c in two_stage.CERVICAL_OUTCOMES if c in header]
         if not outcomes:
-            raise ValueError(f"{csv}: none of the default outcomes {list(risk.CERVICAL_OUTCOMES)}; pass --outcomes")
-    x, y_table = risk.read_risk_csv(csv, outcomes, features)
+            raise ValueError(
+                f"{csv}: none of the default outcomes {list(two_stage.CERVICAL_OUTCOMES)}; pass --outcomes"
+            )
+    x, y_table = two_stage.read_risk_csv(csv, outcomes, features)
     return x, y_table, pd.Series(range(2, len(x) + 2), name="csv_line"), None
 
 
 def fmt(summary: pd.DataFrame, outcome: str, model: str, metric: str) -> str:
-    """``mean ± std`` of one metric from `risk.summarize_scores`."""
+    """``mean ± std`` of one metric from `two_stage.summarize_scores`."""
     row = summary[(summary.outcome == outcome) & (summary.model == model)].iloc[0]
     return f"{row[metric + '_mean']:.3f} ± {row[metric + '_std']:.3f}"
 
@@ -96,7 +98,7 @@ def write_report(path, args, models, trees, results, level_tables, bins, n_rows,
             "|---|---|---|",
         ]
         for rank, r in enumerate(model.stage1_[: len(model.selected_features_)], 1):
-            rule = risk.describe_rule(r["feature"], r["direction"], r["threshold"], bins)
+            rule = two_stage.describe_rule(r["feature"], r["direction"], r["threshold"], bins)
             lines.append(f"| {rank} | {rule} | {r['score']:.3f} ({model.stage1_score}) |")
         tree = trees[outcome]
         lines += [
@@ -106,8 +108,8 @@ def write_report(path, args, models, trees, results, level_tables, bins, n_rows,
             "| rule | n | positive rate | level |",
             "|---|---|---|---|",
         ]
-        for leaf, conditions in risk.iter_leaves(tree.nodes_):
-            rule = " and ".join(risk.describe_rule(f, op, t, bins) for f, op, t in conditions) or "all patients"
+        for leaf, conditions in two_stage.iter_leaves(tree.nodes_):
+            rule = " and ".join(two_stage.describe_rule(f, op, t, bins) for f, op, t in conditions) or "all patients"
             lines.append(f"| {rule} | {leaf['n']} | {leaf['rate']:.3f} | {leaf['level']} |")
         for with_screening, result in results.items():
             lines += level_lines(
@@ -118,15 +120,15 @@ def write_report(path, args, models, trees, results, level_tables, bins, n_rows,
         lines += level_lines(f"Positive rate per risk level of `{saved}` on its training data:", level_tables[outcome])
         lines.append("")
     for with_screening, result in results.items():
-        summary = risk.summarize_scores(result["scores"])
+        summary = two_stage.summarize_scores(result["scores"])
         lines += [
             f"## Cross-validation {SETTINGS[with_screening]}",
             "",
-            "| outcome | model | " + " | ".join(risk.CV_METRICS) + " |",
-            "|---|---|" + "---|" * len(risk.CV_METRICS),
+            "| outcome | model | " + " | ".join(two_stage.CV_METRICS) + " |",
+            "|---|---|" + "---|" * len(two_stage.CV_METRICS),
         ]
         for outcome, model in summary[["outcome", "model"]].itertuples(index=False):
-            cells = " | ".join(fmt(summary, outcome, model, m) for m in risk.CV_METRICS)
+            cells = " | ".join(fmt(summary, outcome, model, m) for m in two_stage.CV_METRICS)
             lines.append(f"| {outcome} | {model} | {cells} |")
         lines.append("")
     with open(path, "w") as f:
@@ -201,44 +203,44 @@ def main(argv=None) -> int:
     parser.add_argument("--nih", action="store_true", help="read --csv as an NIH Data_Entry CSV")
     parser.add_argument("--with_screening", action="store_true", help="also evaluate and save setting (b)")
     parser.add_argument("--export_tabular", action="store_true", help="write tabular_features.csv")
-    parser.add_argument("--stage2", choices=risk.STAGE2_KINDS, default="forest", help="kind of the saved model")
+    parser.add_argument("--stage2", choices=two_stage.STAGE2_KINDS, default="forest", help="kind of the saved model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     config = {}
     if args.config:
         with open(args.config) as f:
             config = yaml.safe_load(f) or {}
-    bins = {**risk.load_bins(), **risk.validate_bins(config.get("bins") or {}, args.config or "config")}
-    kinds = {"tree": {"random_state": args.seed}, "forest": {**risk.FOREST_PARAMS, "random_state": args.seed}}
+    bins = {**two_stage.load_bins(), **two_stage.validate_bins(config.get("bins") or {}, args.config or "config")}
+    kinds = {"tree": {"random_state": args.seed}, "forest": {**two_stage.FOREST_PARAMS, "random_state": args.seed}}
     kinds[args.stage2].update(config.get("params") or {})
     outcomes = args.outcomes or (list(LABELS) if args.nih else None)
     x, y_table, ids, groups = load_data(args.csv, args.nih, outcomes, args.features)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    candidates = {f"two_stage_{kind}": risk.TwoStageRiskModel(**params) for kind, params in kinds.items()}
-    candidates.update(risk.comparison_models(args.seed))
+    candidates = {f"two_stage_{kind}": two_stage.TwoStageRiskModel(**params) for kind, params in kinds.items()}
+    candidates.update(two_stage.comparison_models(args.seed))
     results = {}
     # The folds refit the preprocessing hundreds of times; its "dropping column" lines are kept for the final fit.
-    risk.logger.setLevel(logging.WARNING)
+    two_stage.logger.setLevel(logging.WARNING)
     for with_screening in sorted({False, args.with_screening}):
-        results[with_screening] = risk.cross_validate(
+        results[with_screening] = two_stage.cross_validate(
             x, y_table, candidates, with_screening=with_screening, repeats=args.repeats, seed=args.seed, groups=groups
         )
-    risk.logger.setLevel(logging.NOTSET)
+    two_stage.logger.setLevel(logging.NOTSET)
 
     models, trees, level_tables, patients = {}, {}, {}, pd.DataFrame({ids.name: ids.to_numpy()})
     for outcome in y_table.columns:
-        features = risk.outcome_features(x, y_table, outcome, args.with_screening)
-        models[outcome] = risk.TwoStageRiskModel(**kinds[args.stage2]).fit(features, y_table[outcome])
+        features = two_stage.outcome_features(x, y_table, outcome, args.with_screening)
+        models[outcome] = two_stage.TwoStageRiskModel(**kinds[args.stage2]).fit(features, y_table[outcome])
         trees[outcome] = (
             models[outcome]
             if args.stage2 == "tree"
-            else risk.TwoStageRiskModel(**kinds["tree"]).fit(features, y_table[outcome])
+            else two_stage.TwoStageRiskModel(**kinds["tree"]).fit(features, y_table[outcome])
         )
-        level_tables[outcome] = risk.level_rates(models[outcome], features, y_table[outcome])
+        level_tables[outcome] = two_stage.level_rates(models[outcome], features, y_table[outcome])
         patients[f"{outcome}_level"] = models[outcome].predict_risk(features)
         patients[f"{outcome}_probability"] = models[outcome].predict_proba(features)[:, 1]
-    risk.save_models(os.path.join(args.output_dir, "model.json"), models, args.with_screening, bins)
+    two_stage.save_models(os.path.join(args.output_dir, "model.json"), models, args.with_screening, bins)
     patients.to_csv(os.path.join(args.output_dir, "patients.csv"), index=False)
     write_report(
         os.path.join(args.output_dir, "report.md"),
@@ -264,7 +266,7 @@ def main(argv=None) -> int:
         tabular.insert(0, ids.name, ids.to_numpy())
         tabular.to_csv(os.path.join(args.output_dir, "tabular_features.csv"), index=False)
     for with_screening, result in results.items():
-        summary = risk.summarize_scores(result["scores"])
+        summary = two_stage.summarize_scores(result["scores"])
         print(f"AUC {SETTINGS[with_screening]}")
         for outcome, model in summary[["outcome", "model"]].itertuples(index=False):
             print(f"  {outcome:<20} {model:<20} {fmt(summary, outcome, model, 'auc')}")

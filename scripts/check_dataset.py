@@ -18,8 +18,9 @@ import sys
 import numpy as np
 
 from medfusionnet.constants import LABELS
-from medfusionnet.data import as_paths, frame_to_records, read_nih_csvs, split_frame
-from medfusionnet.imaging import UnreadableImageError, read_xray
+from medfusionnet.data.image_reader import read_xray
+from medfusionnet.data.nih import as_paths, frame_to_records, read_nih_csvs, split_frame
+from medfusionnet.data.unreadable import UnreadableImageError
 
 
 def summarize_dataset(dataset_dir, labels_csv=None, images_dir=None, split="official", seed=0, decode=False) -> dict:

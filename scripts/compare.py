@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 import medfusionnet
-from medfusionnet.comparison import friedman_test, nemenyi_pairs, wilcoxon_holm
+from medfusionnet.evaluation.comparison import friedman_test, nemenyi_pairs, wilcoxon_holm
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("compare")
@@ -47,7 +47,7 @@ MODELS: dict[str, list[str]] = {
     "inception_resnet_v2": ["--network_name", "inception_resnet_v2"],
     "efficientnet_b0": ["--network_name", "efficientnet_b0"],
     "inception_v3": ["--network_name", "inception_v3"],
-    # the related systems (medfusionnet.related), each with its paper's loss
+    # the related systems (medfusionnet.networks.related), each with its paper's loss
     "convfcmae": ["--network_name", "convfcmae", "--loss_name", "bce_focal"],
     "ctranscnn": ["--network_name", "ctranscnn", "--loss_name", "focal_asl"],
     "ensemble": ["--network_name", "ensemble"],  # built from its members' runs (ENSEMBLES), not trained itself

@@ -3,7 +3,7 @@
     python scripts/explain.py --model_dir models --input_dir ../shared/data/nih/images_full \\
         --tabular_csv ../shared/data/nih/labels.csv --boxes_csv ../shared/data/nih/bbox.csv --explain_dir runs/explain
 
-The same workflow as ``configs/explain.yaml`` (`medfusionnet.explain_workflow.explain_images`); prints the
+The same workflow as ``configs/explain.yaml`` (`medfusionnet.explain.workflow.explain_images`); prints the
 localisation table (pointing game, adapted Rand error, IoBB, ...) for each method against the random-map baseline
 and the model-randomisation check.
 """
@@ -15,8 +15,8 @@ import json
 import logging
 import sys
 
-from medfusionnet import explain
-from medfusionnet.explain_workflow import explain_images
+from medfusionnet.explain.saliency import METHODS, NIH_BOX_FRAME
+from medfusionnet.explain.workflow import explain_images
 
 
 def main(argv=None) -> int:
@@ -27,10 +27,10 @@ def main(argv=None) -> int:
     parser.add_argument("--explain_dir", required=True, help="where maps, overlays and tables are written")
     parser.add_argument("--tabular_csv", help="NIH-format CSV with age, sex, view and follow-up per image")
     parser.add_argument("--findings", nargs="+", help="default: findings above threshold, plus boxed ones")
-    parser.add_argument("--methods", nargs="+", default=["gradcam", "lrp"], choices=explain.METHODS)
+    parser.add_argument("--methods", nargs="+", default=["gradcam", "lrp"], choices=METHODS)
     parser.add_argument("--cam_layers", nargs="+", default=["cnn"], help="Grad-CAM targets: cnn, c2t, t2c")
     parser.add_argument("--boxes_csv", help="NIH BBox_List_2017.csv format")
-    parser.add_argument("--box_frame", type=int, default=explain.NIH_BOX_FRAME)
+    parser.add_argument("--box_frame", type=int, default=NIH_BOX_FRAME)
     parser.add_argument("--map_threshold", type=float, default=0.5)
     parser.add_argument("--random_maps", type=int, default=20)
     parser.add_argument("--no_sanity_check", action="store_true", help="skip the model-randomisation check")

@@ -24,9 +24,10 @@ import time
 import torch
 
 from medfusionnet.constants import KEY_IMAGE, KEY_TABULAR
-from medfusionnet.data import folder_records
-from medfusionnet.explain_workflow import load_trained
-from medfusionnet.transforms import XrayDataset, collate_skipping_unreadable, xray_transforms
+from medfusionnet.data.nih import folder_records
+from medfusionnet.data.transforms import XrayDataset, xray_transforms
+from medfusionnet.data.unreadable import collate_skipping_unreadable
+from medfusionnet.explain.workflow import load_trained
 
 EMBEDDED = ("metadata.json", "inference.json")
 

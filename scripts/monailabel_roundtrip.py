@@ -42,9 +42,9 @@ def tiny_run(out: str) -> str:
     import torch
 
     from medfusionnet import TabularEncoder, create_network
-    from medfusionnet.workflows import save_run_settings
+    from medfusionnet.engine.run_settings import save_run_settings
 
-    args = {"name": "medfusionnet", "size": "tiny", "image_size": 64}
+    args = {"name": "medfusionnet", "network_size": "tiny", "image_size": 64}
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
     torch.save(create_network(**args).state_dict(), os.path.join(out, "model.pt"))

@@ -29,7 +29,7 @@ import sys
 
 import yaml
 
-from medfusionnet.demo import make_demo_dataset
+from medfusionnet.data.demo import make_demo_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_PATIENTS = 4  # synthetic demo patients shipped in demo_data/

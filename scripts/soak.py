@@ -75,7 +75,7 @@ def write_bad_file(path: Path, kind: str, good_png: bytes) -> Path:
 
 def make_cycle_data(root: Path, seed: int, num_bad: int) -> tuple[Path, set[str], set[str]]:
     """A synthetic dataset with bad files: returns its folder, the bad names the CSV lists and the extra bad names."""
-    from medfusionnet.demo import make_demo_dataset
+    from medfusionnet.data.demo import make_demo_dataset
 
     data = Path(make_demo_dataset(str(root), num_patients=60, image_size=64, seed=seed))
     images = data / "images"

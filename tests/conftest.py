@@ -30,7 +30,7 @@ def dicom_files() -> list[Path]:
     return sorted(require(DICOM_DIR).glob("*.dcm"))
 
 
-TINY_NETWORK_ARGS = {"name": "medfusionnet", "size": "tiny", "image_size": 64}
+TINY_NETWORK_ARGS = {"name": "medfusionnet", "network_size": "tiny", "image_size": 64}
 
 
 def write_tiny_run(out: Path, network=None) -> Path:
@@ -39,7 +39,7 @@ def write_tiny_run(out: Path, network=None) -> Path:
     import torch
 
     from medfusionnet import TabularEncoder, create_network
-    from medfusionnet.workflows import save_run_settings
+    from medfusionnet.engine.run_settings import save_run_settings
 
     if network is None:
         torch.manual_seed(0)

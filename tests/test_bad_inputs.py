@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import REPO
 
-from medfusionnet.data import prepare_datasets, read_nih_csv
-from medfusionnet.imaging import read_xray
-from medfusionnet.settings import check_training_settings
-from medfusionnet.tabular import FEATURE_NAMES, TabularEncoder
-from medfusionnet.transforms import XrayDataset, xray_transforms
-from medfusionnet.workflows import data_loader
+from medfusionnet.data.image_reader import read_xray
+from medfusionnet.data.loaders import data_loader
+from medfusionnet.data.nih import prepare_datasets, read_nih_csv
+from medfusionnet.data.tabular import FEATURE_NAMES, TabularEncoder
+from medfusionnet.data.transforms import XrayDataset, xray_transforms
+from medfusionnet.engine.settings import check_training_settings
 
 COLUMNS = [
     "Image Index",
@@ -129,7 +129,7 @@ def test_unknown_view_position_and_sex_are_missing_with_a_counted_warning(tmp_pa
 
 
 def test_inference_tabular_csv_with_unusable_values_warns(nih_dir, tmp_path, caplog):
-    from medfusionnet.data import folder_records
+    from medfusionnet.data.nih import folder_records
 
     images = tmp_path / "images"
     images.mkdir()
@@ -183,7 +183,7 @@ def test_unreadable_files_are_skipped_and_counted_per_epoch(
 ):
     from ignite.engine import Engine
 
-    from medfusionnet.handlers import UnreadableImageReport
+    from medfusionnet.engine.handlers import UnreadableImageReport
 
     paths = _bad_image_files(nih_dir, dicom_files, tmp_path)
     records = [{"image": p, "name": os.path.basename(p), "label": np.zeros(14, np.float32)} for p in paths]
@@ -206,8 +206,8 @@ def test_training_drops_an_unreadable_remainder_and_names_a_full_unreadable_batc
 ):
     from ignite.engine import Engine
 
-    from medfusionnet.handlers import UnreadableImageReport
-    from medfusionnet.imaging import UnreadableImageError
+    from medfusionnet.data.unreadable import UnreadableImageError
+    from medfusionnet.engine.handlers import UnreadableImageReport
 
     good, *bad = _bad_image_files(nih_dir, dicom_files, tmp_path)
 
@@ -255,7 +255,7 @@ DEFAULTS = dict(
     asl_gamma_neg=4.0,
     asl_clip=0.05,
     sampling="balanced",
-    sampler_max_repeats=3,
+    max_repeats=3,
     no_finding_factor=0.5,
     curriculum_epochs=2,
     log_interval=20,
@@ -377,14 +377,15 @@ def _fail_after(real_write, written: int):
 
 
 def test_risk_model_save_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
-    from medfusionnet import files, risk
+    from medfusionnet import files
+    from medfusionnet.risk import two_stage
 
     rng = np.random.default_rng(0)
     x = pd.DataFrame({"x": rng.integers(18, 70, 200).astype(float)})
     y = (x["x"] > 40).astype(int).to_numpy()
-    model = risk.TwoStageRiskModel(top_n=1, max_depth=1).fit(x, y)
+    model = two_stage.TwoStageRiskModel(top_n=1, max_depth=1).fit(x, y)
     path = tmp_path / "model.json"
-    risk.save_models(path, {"y": model})
+    two_stage.save_models(path, {"y": model})
     before = path.read_bytes()
     real_open = open
 
@@ -396,11 +397,11 @@ def test_risk_model_save_on_a_full_disk_keeps_the_previous_file(tmp_path, monkey
 
     monkeypatch.setattr(files, "open", full_disk_open, raising=False)
     with pytest.raises(OSError) as info:
-        risk.save_models(path, {"y": model, "again": model})
+        two_stage.save_models(path, {"y": model, "again": model})
     assert info.value.errno == errno.ENOSPC and f"could not save {path} (disk full)" in str(info.value)
     assert path.read_bytes() == before and not (tmp_path / "model.json.tmp").exists()
     monkeypatch.undo()
-    np.testing.assert_array_equal(risk.load_models(path)["y"].predict_proba(x), model.predict_proba(x))
+    np.testing.assert_array_equal(two_stage.load_models(path)["y"].predict_proba(x), model.predict_proba(x))
 
 
 def test_prepare_nih_on_a_full_disk_keeps_the_previous_image(tmp_path, monkeypatch):
@@ -508,9 +509,9 @@ class Exploit:
 
 def test_a_checkpoint_holding_code_is_refused_unrun(tmp_path):
     from medfusionnet import create_network
-    from medfusionnet.workflows import check_checkpoint
+    from medfusionnet.engine.checkpoints import check_checkpoint
 
-    net = create_network("medfusionnet", size="tiny", image_size=64)
+    net = create_network("medfusionnet", network_size="tiny", image_size=64)
     marker = tmp_path / "code_ran"
     torch.save({"model": net.state_dict(), "extra": Exploit(marker)}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="Weights only load failed"):

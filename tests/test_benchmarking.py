@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import medfusionnet
-from medfusionnet.benchmarking import Variant, forward_flops, matmul_peak_flops
-from medfusionnet.workflows import amp_dtype, training_network
+from medfusionnet.engine.benchmarking import Variant, forward_flops, matmul_peak_flops
+from medfusionnet.engine.training import amp_dtype, training_network
 
 
 def test_variant_parsing():
@@ -47,7 +47,7 @@ def _loss_and_grads(net, image, tabular, target):
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     net = medfusionnet.create_network(
-        "medfusionnet", size="tiny", image_size=64, drop_path_rate=0.3, dropout_rate=0.2
+        "medfusionnet", network_size="tiny", image_size=64, drop_path_rate=0.3, dropout_rate=0.2
     ).train()
     image, tabular = torch.rand(2, 1, 64, 64), torch.rand(2, medfusionnet.NUM_TABULAR_FEATURES)
     target = torch.tensor([[1.0] * 7 + [0.0] * 7, [0.0] * 7 + [1.0] * 7])
@@ -66,7 +66,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 def test_training_network_options():
     net = training_network(
-        medfusionnet.create_network("medfusionnet", size="tiny", image_size=64),
+        medfusionnet.create_network("medfusionnet", network_size="tiny", image_size=64),
         "cpu",
         grad_checkpointing=True,
         channels_last=True,

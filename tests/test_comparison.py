@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from medfusionnet.comparison import (
+from medfusionnet.evaluation.comparison import (
     complete_blocks,
     friedman_test,
     holm,

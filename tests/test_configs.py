@@ -57,7 +57,7 @@ def test_no_file_macros_and_no_long_expressions():
 def test_inference_has_the_properties_monai_requires(tmp_path, monkeypatch):
     from monai.bundle import create_workflow
 
-    from medfusionnet.demo import make_demo_dataset
+    from medfusionnet.data.demo import make_demo_dataset
 
     run = write_tiny_run(tmp_path / "run")
     images = make_demo_dataset(str(tmp_path / "demo"), num_patients=2) + "/images"

@@ -4,7 +4,7 @@ from conftest import REPO
 
 import medfusionnet
 from medfusionnet.constants import LABELS
-from medfusionnet.tabular import FEATURE_NAMES
+from medfusionnet.data.tabular import FEATURE_NAMES
 
 
 def _metadata():

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from medfusionnet.constants import LABELS
-from medfusionnet.data import (
+from medfusionnet.data.nih import (
     as_paths,
     find_official_lists,
     folder_records,
@@ -186,7 +186,7 @@ def test_folder_records_warn_about_images_without_a_tabular_row(nih_dir, tmp_pat
 def test_datalist_records_for_inference(nih_dir, tmp_path):
     import json
 
-    from medfusionnet.data import datalist_records, inference_records
+    from medfusionnet.data.nih import datalist_records, inference_records
 
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "00000002_000.png").symlink_to(nih_dir / "images_full" / "00000002_000.png")

@@ -6,13 +6,11 @@ import torch
 from ignite.engine import Engine
 
 from medfusionnet.constants import LABELS
-from medfusionnet.decision import (
-    RiskTierRule,
-    TemperatureScaling,
-    calibration_error,
-    probabilities_to_logits,
-)
-from medfusionnet.handlers import DecisionWriter, MetricsReport
+from medfusionnet.data.image_reader import read_xray
+from medfusionnet.data.unreadable import SkipUnreadable, UnreadableImageError, collate_skipping_unreadable, placeholder
+from medfusionnet.engine.handlers import DecisionWriter, MetricsReport
+from medfusionnet.evaluation.calibration import TemperatureScaling, calibration_error, probabilities_to_logits
+from medfusionnet.evaluation.decision import RiskTierRule, decision_document
 
 
 def _decisions(*positive):
@@ -92,30 +90,46 @@ def test_decision_writer_reports_tiers_and_unreadable_files(tmp_path):
     probs = np.full(len(LABELS), 0.1)
     urgent = probs.copy()
     urgent[LABELS.index("Pneumothorax")] = 0.9
-    batch = [{"name": "a.png", "pred": torch.tensor(probs)}, {"name": "b.png", "pred": torch.tensor(urgent)}]
+    batch = [{"name": "b.png", "pred": torch.tensor(urgent)}, {"name": "a.png", "pred": torch.tensor(probs)}]
     broken = tmp_path / "c.png"
     broken.write_bytes(b"")
-    records = [
-        {"image": "a.png", "name": "a.png"},
-        {"image": "b.png", "name": "b.png"},
-        {"image": str(broken), "name": "c.png"},
-    ]
+    # an unreadable file on the loader path: the reader's error, the dataset's placeholder, the collated mark
+    with pytest.raises(UnreadableImageError) as error:
+        read_xray(str(broken))
+    marked = placeholder({"image": str(broken), "name": "c.png"}, dict, error.value)
+    loader = SkipUnreadable([collate_skipping_unreadable([marked, {"image": torch.zeros(1, 4, 4)}])])
     scaler = TemperatureScaling()
     scaler.temperatures_ = [2.0] * len(LABELS)
-    writer = DecisionWriter(str(tmp_path / "out"), thresholds=[0.5] * len(LABELS), calibration=scaler, records=records)
+    writer = DecisionWriter(str(tmp_path / "out"), thresholds=[0.5] * len(LABELS), calibration=scaler)
     engine = _engine(batch)
     writer.attach(engine)
-    engine.run([0], max_epochs=1)
+    engine.run(loader, max_epochs=1, epoch_length=1)
     document = json.loads((tmp_path / "out" / "decisions.json").read_text())
+    assert [item["image"] for item in document["images"]] == ["a.png", "b.png", "c.png"]  # sorted, unreadable last
     images = {item["image"]: item for item in document["images"]}
     assert images["a.png"]["tier"] == "low" and images["b.png"]["tier"] == "high"
     assert images["b.png"]["findings"] == ["Pneumothorax"]
     # reported probability sigmoid(logit(0.9) / 2) = 0.75; the threshold on that scale stays 0.5
     assert images["b.png"]["probabilities"]["Pneumothorax"] == pytest.approx(0.75, abs=1e-6)
     assert document["thresholds"]["Pneumothorax"] == pytest.approx(0.5)
-    assert images["c.png"]["status"] == "unreadable" and "empty" in images["c.png"]["error"]
+    # the reason travels with the placeholder: the file is not decoded a second time
+    assert images["c.png"] == {"image": "c.png", "status": "unreadable", "error": str(error.value)}
+    assert "empty" in images["c.png"]["error"]
     lines = (tmp_path / "out" / "decisions.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[3].startswith("c.png,unreadable")
+
+
+def test_decision_document_by_hand():
+    probs = np.array([[0.2, 0.7], [0.6, 0.1]])
+    rule = RiskTierRule(urgent=("B",), high_risk_count=2, labels=["A", "B"])
+    skipped = [{"name": "z.png", "image": "/x/z.png", "error": "cannot read image '/x/z.png': truncated"}]
+    document = decision_document(["n2.png", "n1.png"], probs, [0.5, 0.5], rule, None, skipped, ["A", "B"])
+    first, second, bad = document["images"]
+    assert first["image"] == "n1.png" and first["findings"] == ["A"] and first["tier"] == "medium"
+    assert second["image"] == "n2.png" and second["findings"] == ["B"] and second["tier"] == "high"
+    assert second["decisions"] == {"A": False, "B": True} and second["probabilities"] == {"A": 0.2, "B": 0.7}
+    assert bad == {"image": "z.png", "status": "unreadable", "error": skipped[0]["error"]}
+    assert document["calibrated"] is False and document["thresholds"] == {"A": 0.5, "B": 0.5}
 
 
 def test_metrics_report_fits_and_reports_calibration(tmp_path):

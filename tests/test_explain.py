@@ -7,12 +7,25 @@ import torch
 from conftest import NIH, require, write_tiny_run
 from monai.networks.nets import DenseNet121
 
-from medfusionnet import explain
-from medfusionnet.baselines import DenseNet121Tabular
 from medfusionnet.constants import LABELS
-from medfusionnet.network import MedFusionNet
-from medfusionnet.tabular import NUM_TABULAR_FEATURES, TabularEncoder
-from medfusionnet.transforms import xray_transforms
+from medfusionnet.data.tabular import NUM_TABULAR_FEATURES, TabularEncoder
+from medfusionnet.data.transforms import xray_transforms
+from medfusionnet.explain.saliency import (
+    LayerwiseRelevance,
+    LocalisationMetric,
+    box_labels,
+    cam_layers,
+    explanation_map,
+    gradcam,
+    localisation_scores,
+    map_peak,
+    map_similarity,
+    random_map,
+    read_boxes,
+    rescale_box,
+)
+from medfusionnet.networks.baselines import DenseNet121Tabular
+from medfusionnet.networks.medfusionnet import MedFusionNet
 
 
 def _entropy_given(a, b):
@@ -29,7 +42,7 @@ def _entropy_given(a, b):
 def test_identical_masks_score_perfectly():
     truth = np.zeros((10, 10), dtype=int)
     truth[2:6, 3:8] = 1
-    scores = explain.localisation_scores(truth.astype(float), truth)
+    scores = localisation_scores(truth.astype(float), truth)
     assert scores["adapted_rand_error"] == pytest.approx(0.0)
     assert scores["rand_precision"] == pytest.approx(1.0) and scores["rand_recall"] == pytest.approx(1.0)
     assert scores["false_splits"] == pytest.approx(0.0) and scores["false_merges"] == pytest.approx(0.0)
@@ -41,7 +54,7 @@ def test_disjoint_mask_gives_the_hand_computed_values():
     truth[:5, :5] = 1
     saliency = np.zeros((10, 10))
     saliency[5:, 5:] = 1.0
-    scores = explain.localisation_scores(saliency, truth)
+    scores = localisation_scores(saliency, truth)
     # pixel pairs in the same region: joint counts (box, mask) (1, 0) 25, (0, 1) 25, (0, 0) 50 -> sum p^2 - n =
     # 3750 - 100; each marginal 25^2 + 75^2 - n = 6150; precision = recall = 3650 / 6150
     assert scores["rand_precision"] == pytest.approx(3650 / 6150)
@@ -59,13 +72,13 @@ def test_a_split_mask_shows_false_splits():
     saliency = np.zeros((10, 10))
     saliency[:5, :5] = 1.0
     saliency[6:, :5] = 0.8  # a second blob in the same box, separated by an empty row
-    scores = explain.localisation_scores(saliency, truth)
+    scores = localisation_scores(saliency, truth)
     predicted = np.zeros((10, 10), dtype=int)
     predicted[:5, :5], predicted[6:, :5] = 1, 2
     assert scores["false_splits"] == pytest.approx(_entropy_given(predicted, truth))
     assert scores["false_merges"] == pytest.approx(_entropy_given(truth, predicted))
     assert scores["false_splits"] > 2 * scores["false_merges"] > 0
-    whole = explain.localisation_scores((truth > 0).astype(float) * 0.7, truth)
+    whole = localisation_scores((truth > 0).astype(float) * 0.7, truth)
     assert whole["false_splits"] == pytest.approx(0.0)
     assert scores["iobb"] == 1.0 and scores["iou"] == pytest.approx(45 / 50)
 
@@ -75,14 +88,14 @@ def test_pointing_game_and_threshold():
     truth[1:3, 1:3] = 1
     saliency = np.full((8, 8), 0.1)
     saliency[2, 2] = 1.0
-    assert explain.localisation_scores(saliency, truth)["pointing_hit"] == 1.0
+    assert localisation_scores(saliency, truth)["pointing_hit"] == 1.0
     saliency[6, 6] = 2.0
-    assert explain.localisation_scores(saliency, truth)["pointing_hit"] == 0.0
-    assert explain.localisation_scores(np.zeros((8, 8)), truth)["iobb"] == 0.0  # nothing highlighted
+    assert localisation_scores(saliency, truth)["pointing_hit"] == 0.0
+    assert localisation_scores(np.zeros((8, 8)), truth)["iobb"] == 0.0  # nothing highlighted
     # threshold 0.05 of the peak keeps the whole 0.1 background: the mask covers every pixel
-    assert explain.localisation_scores(saliency, truth, threshold=0.05)["iobb"] == pytest.approx(4 / 64)
+    assert localisation_scores(saliency, truth, threshold=0.05)["iobb"] == pytest.approx(4 / 64)
     with pytest.raises(ValueError, match="differ"):
-        explain.localisation_scores(np.zeros((4, 4)), truth)
+        localisation_scores(np.zeros((4, 4)), truth)
 
 
 def test_monai_style_metric_averages_the_samples():
@@ -91,7 +104,7 @@ def test_monai_style_metric_averages_the_samples():
     maps = np.zeros((2, 1, 10, 10))
     maps[0, 0, :5, :5] = 1.0  # perfect
     maps[1, 0, 5:, 5:] = 1.0  # disjoint
-    metric = explain.LocalisationMetric()
+    metric = LocalisationMetric()
     metric(y_pred=torch.from_numpy(maps), y=torch.from_numpy(truth))
     result = metric.aggregate()
     assert result["count"] == 2
@@ -107,51 +120,51 @@ def test_box_rescaling_matches_the_preprocessing():
     image[40:70, 50:110] = 1.0
     out = xray_transforms(encoder, 64, with_label=False)({"image": image, "name": "x.png"})["image"][0].numpy()
     rows, cols = np.nonzero(out > 0.5)
-    x0, y0, x1, y1 = explain.rescale_box(box, (300, 200), 64)
+    x0, y0, x1, y1 = rescale_box(box, (300, 200), 64)
     assert abs(cols.min() - x0) <= 1 and abs(cols.max() + 1 - x1) <= 1
     assert abs(rows.min() - y0) <= 1 and abs(rows.max() + 1 - y1) <= 1
-    labels = explain.box_labels([box], (300, 200), 64)
+    labels = box_labels([box], (300, 200), 64)
     assert labels.shape == (64, 64) and set(np.unique(labels)) == {0, 1}
     assert np.mean((labels > 0) == (out > 0.5)) > 0.98
     # NIH: 1024 px frame to a 256 px input scales by 1/4
-    assert explain.rescale_box((100, 200, 40, 80), (1024, 1024), 256) == (25.0, 50.0, 35.0, 70.0)
+    assert rescale_box((100, 200, 40, 80), (1024, 1024), 256) == (25.0, 50.0, 35.0, 70.0)
 
 
 def test_read_boxes_from_the_nih_lists(tmp_path):
-    boxes = explain.read_boxes(require(NIH / "bbox.csv"))
+    boxes = read_boxes(require(NIH / "bbox.csv"))
     assert len(boxes) == 9 and "Infiltrate" not in set(boxes["finding"])
     assert set(boxes["finding"]) <= set(LABELS) and (boxes["w"] > 0).all()
-    full = explain.read_boxes(require(NIH / "meta" / "BBox_List_2017.csv"))
+    full = read_boxes(require(NIH / "meta" / "BBox_List_2017.csv"))
     assert len(full) == 984 and full["name"].nunique() == 880
     bad = tmp_path / "boxes.csv"
     bad.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\na.png,Mass,1,2,3,4\nb.png,Mass,1,2,-3,4\n")
     with pytest.raises(ValueError, match=r"line 3 \('b.png'\): box w"):
-        explain.read_boxes(bad)
+        read_boxes(bad)
     bad.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\na.png,Tumour,1,2,3,4\n")
     with pytest.raises(ValueError, match="line 2: finding 'Tumour'"):
-        explain.read_boxes(bad)
+        read_boxes(bad)
 
 
 @pytest.fixture(scope="module")
 def tiny_net():
     torch.manual_seed(0)
-    return MedFusionNet(size="tiny", image_size=64).eval()
+    return MedFusionNet(network_size="tiny", image_size=64).eval()
 
 
 def test_gradcam_maps_match_the_input_for_every_layer(tiny_net):
     x, tabular = torch.rand(2, 1, 64, 64), torch.zeros(2, NUM_TABULAR_FEATURES)
-    assert explain.cam_layers(tiny_net) == {"cnn": "stages.3.cnn", "c2t": "stages.3.c2t.conv", "t2c": "stages.2.t2c"}
+    assert cam_layers(tiny_net) == {"cnn": "stages.3.cnn", "c2t": "stages.3.c2t.conv", "t2c": "stages.2.t2c"}
     for layer in ("cnn", "c2t", "t2c"):
         for method in ("gradcam", "gradcampp"):
-            cam = explain.explanation_map(tiny_net, method, x, 3, tabular, layer)
+            cam = explanation_map(tiny_net, method, x, 3, tabular, layer)
             assert cam.shape == (2, 1, 64, 64) and float(cam.min()) >= 0 and float(cam.max()) <= 1
     baseline = DenseNet121Tabular().eval()
-    assert explain.cam_layers(baseline) == {"cnn": "features"}
-    assert explain.gradcam(baseline, x, 0, tabular).shape == (2, 1, 64, 64)
+    assert cam_layers(baseline) == {"cnn": "features"}
+    assert gradcam(baseline, x, 0, tabular).shape == (2, 1, 64, 64)
     with pytest.raises(ValueError, match="layer 'c2t' is not in this network"):
-        explain.gradcam(baseline, x, 0, tabular, layer="c2t")
+        gradcam(baseline, x, 0, tabular, layer="c2t")
     with pytest.raises(ValueError, match="method 'cam'"):
-        explain.explanation_map(tiny_net, "cam", x, 0)
+        explanation_map(tiny_net, "cam", x, 0)
 
 
 class _Brightness(torch.nn.Module):
@@ -171,9 +184,9 @@ def test_gradcam_is_high_where_the_evidence_is():
     x = torch.zeros(1, 1, 32, 32)
     x[0, 0, 4:12, 20:28] = 1.0
     for plus in (False, True):
-        cam = explain.gradcam(_Brightness(), x, 0, layer="features", plus=plus)[0, 0].numpy()
+        cam = gradcam(_Brightness(), x, 0, layer="features", plus=plus)[0, 0].numpy()
         assert cam[8, 24] == pytest.approx(1.0) and cam[28, 4] == pytest.approx(0.0)
-        assert explain.map_peak(cam) == (7, 23)  # the plateau's pixel nearest its centroid (7.5, 23.5)
+        assert map_peak(cam) == (7, 23)  # the plateau's pixel nearest its centroid (7.5, 23.5)
 
 
 def test_lrp_conserves_the_logit_through_densenet():
@@ -189,7 +202,7 @@ def test_lrp_conserves_the_logit_through_densenet():
     torch.manual_seed(0)
     net = Wrapped().eval()
     x = torch.rand(2, 1, 64, 64)
-    relevance = explain.LayerwiseRelevance(net)(x, 1)
+    relevance = LayerwiseRelevance(net)(x, 1)
     assert relevance.shape == x.shape and torch.isfinite(relevance).all()
     np.testing.assert_allclose(relevance.sum((1, 2, 3)).numpy(), net(x)[:, 1].detach().numpy(), rtol=1e-3)
     assert not net.training
@@ -197,7 +210,7 @@ def test_lrp_conserves_the_logit_through_densenet():
 
 def test_lrp_on_medfusionnet_is_finite(tiny_net):
     x = torch.rand(2, 1, 64, 64)
-    relevance = explain.LayerwiseRelevance(tiny_net)(x, 5, torch.zeros(2, NUM_TABULAR_FEATURES))
+    relevance = LayerwiseRelevance(tiny_net)(x, 5, torch.zeros(2, NUM_TABULAR_FEATURES))
     assert relevance.shape == x.shape and torch.isfinite(relevance).all() and relevance.abs().sum() > 0
 
 
@@ -218,7 +231,7 @@ def _blob_batch(n, rng):
 def test_maps_of_a_trained_tiny_model():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    net = MedFusionNet(size="tiny", image_size=64)
+    net = MedFusionNet(network_size="tiny", image_size=64)
     optimiser = torch.optim.AdamW(net.parameters(), lr=1e-3)
     for _ in range(120):
         x, y, _ = _blob_batch(16, rng)
@@ -234,9 +247,9 @@ def test_maps_of_a_trained_tiny_model():
         truth = np.zeros((64, 64), dtype=int)
         r, c = corners[i]
         truth[r : r + 12, c : c + 12] = 1
-        cam_ranges.append(np.ptp(explain.gradcam(net, x[i : i + 1], 0, plus=True)[0, 0].numpy()))
-        relevance = explain.LayerwiseRelevance(net)(x[i : i + 1], 0)[0, 0].numpy()
-        lrp_hits += explain.localisation_scores(relevance, truth)["pointing_hit"]
+        cam_ranges.append(np.ptp(gradcam(net, x[i : i + 1], 0, plus=True)[0, 0].numpy()))
+        relevance = LayerwiseRelevance(net)(x[i : i + 1], 0)[0, 0].numpy()
+        lrp_hits += localisation_scores(relevance, truth)["pointing_hit"]
     assert np.mean(np.array(cam_ranges) > 0.5) >= 0.75  # Grad-CAM++ maps are not constant
     # the square covers 3.5% of the image: a random peak would hit about 0.6 of 16 times
     assert lrp_hits >= 4
@@ -244,12 +257,12 @@ def test_maps_of_a_trained_tiny_model():
 
 def test_map_similarity_and_random_maps():
     rng = np.random.default_rng(0)
-    a = explain.random_map((32, 32), rng, sigma=2)
+    a = random_map((32, 32), rng, sigma=2)
     assert a.min() == 0 and a.max() == 1
-    assert explain.map_similarity(a, a) == pytest.approx(1.0)
-    assert explain.map_similarity(a, -a) == pytest.approx(-1.0)
-    assert abs(explain.map_similarity(a, explain.random_map((32, 32), rng, sigma=2))) < 0.5
-    assert explain.map_similarity(a, np.zeros((32, 32))) == 0.0
+    assert map_similarity(a, a) == pytest.approx(1.0)
+    assert map_similarity(a, -a) == pytest.approx(-1.0)
+    assert abs(map_similarity(a, random_map((32, 32), rng, sigma=2))) < 0.5
+    assert map_similarity(a, np.zeros((32, 32))) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -258,9 +271,9 @@ def model_dir(tmp_path_factory, tiny_net):
 
 
 def test_explain_workflow_on_the_boxed_nih_images(model_dir, tmp_path):
-    from medfusionnet.explain_workflow import explain_images
+    from medfusionnet.explain.workflow import explain_images
 
-    boxes = explain.read_boxes(require(NIH / "bbox.csv")).iloc[[0, 3, 4]]  # Cardiomegaly, Mass, Nodule
+    boxes = read_boxes(require(NIH / "bbox.csv")).iloc[[0, 3, 4]]  # Cardiomegaly, Mass, Nodule
     images = tmp_path / "images"
     images.mkdir()
     for name in boxes["name"]:
@@ -297,7 +310,7 @@ def test_explain_workflow_on_the_boxed_nih_images(model_dir, tmp_path):
 def test_localisation_handler_scores_boxed_images_in_an_evaluator(tiny_net, tmp_path):
     from ignite.engine import Engine, Events
 
-    from medfusionnet.explain_workflow import LocalisationHandler
+    from medfusionnet.explain.workflow import LocalisationHandler
 
     boxes = tmp_path / "boxes.csv"
     boxes.write_text(

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medfusionnet.imaging import UnreadableImageError, read_xray
+from medfusionnet.data.image_reader import read_xray
+from medfusionnet.data.unreadable import UnreadableImageError
 
 
 def test_png_8bit_matches_pillow(nih_dir):

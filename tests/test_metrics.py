@@ -5,15 +5,15 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
-from medfusionnet.metrics import (
+from medfusionnet.evaluation.metrics import (
     MultiLabelAUC,
     MultiLabelAUPRC,
     MultiLabelThresholdMetric,
-    choose_thresholds,
     roc_auc_per_class,
     summarize,
     threshold_metric_per_class,
 )
+from medfusionnet.evaluation.thresholds import choose_thresholds
 
 
 @pytest.fixture
@@ -101,3 +101,32 @@ def test_summarize_report(data):
     assert chosen["per_class"]["a"]["threshold"] == pytest.approx(choose_thresholds(prob, y)[0])
     with pytest.raises(ValueError, match="must both be"):
         summarize(prob[:, :3], y, labels)
+
+
+def test_metrics_report_files_by_hand(tmp_path):
+    import json
+
+    from medfusionnet.evaluation.reports import metrics_report, write_metrics_report
+
+    prob = np.array([[0.9, 0.2], [0.8, 0.6], [0.3, 0.7], [0.1, 0.4]])
+    y = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
+    # fixed thresholds: nothing fitted, nothing chosen; AUC a = 1, b = 1 (0.6 and 0.7 above 0.2 and 0.4)
+    report, fitted = metrics_report(prob, y, ["a", "b"], thresholds=[0.5, 0.5], epoch=3)
+    assert fitted is None and report["epoch"] == 3 and not report["thresholds_chosen_on_this_data"]
+    assert report["per_class"]["a"]["auc"] == 1.0 and report["per_class"]["b"]["auc"] == 1.0
+    # b at 0.5: predicted positive 0.6 and 0.7 (both right) -> sensitivity 1, specificity 1
+    assert report["per_class"]["b"]["sensitivity"] == 1.0 and report["per_class"]["b"]["specificity"] == 1.0
+    write_metrics_report(str(tmp_path / "eval"), report, fitted, ["w", "x", "y", "z"], prob, y)
+    assert not (tmp_path / "eval" / "thresholds.json").exists()
+    assert not (tmp_path / "eval" / "calibration.json").exists()
+    rows = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("finding,auc,auprc") and rows[-1].startswith("mean,1.000000")
+    predictions = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()
+    assert predictions[0] == "Image Index,a,b" and predictions[2] == "x,0.800000,0.600000"
+    # thresholds chosen on the data (validation): written, with a temperature scaling fitted on the same data
+    chosen, fitted = metrics_report(prob, y, ["a", "b"])
+    assert fitted is not None and chosen["calibration"]["fitted_on_this_data"]
+    write_metrics_report(str(tmp_path / "val"), chosen, fitted)
+    saved = json.loads((tmp_path / "val" / "thresholds.json").read_text())
+    assert saved == {"a": chosen["per_class"]["a"]["threshold"], "b": chosen["per_class"]["b"]["threshold"]}
+    assert (tmp_path / "val" / "calibration.json").is_file() and not (tmp_path / "val" / "predictions.csv").exists()

@@ -6,11 +6,11 @@ import torch
 from monai.networks.nets import DenseNet121
 
 import medfusionnet
-from medfusionnet.baselines import DenseNet121Tabular
-from medfusionnet.blocks import class_prior
-from medfusionnet.losses import create_loss
-from medfusionnet.network import BRANCHES, MedFusionNet
-from medfusionnet.tabular import NUM_TABULAR_FEATURES, TabularEncoder, missing_tabular_vector
+from medfusionnet.data.tabular import NUM_TABULAR_FEATURES, TabularEncoder, missing_tabular_vector
+from medfusionnet.engine.losses import create_loss
+from medfusionnet.networks.baselines import DenseNet121Tabular
+from medfusionnet.networks.label_query_fusion import initial_gains
+from medfusionnet.networks.medfusionnet import BRANCHES, MedFusionNet
 
 
 def _tabular(batch: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _open_gates(net: MedFusionNet, value: float = 1.0) -> MedFusionNet:
 
 @pytest.mark.parametrize("batch, size, classes", [(1, 64, 7), (3, 96, 14), (2, 128, 5), (2, 224, 7), (1, 512, 3)])
 def test_output_shape(batch, size, classes):
-    net = MedFusionNet(num_classes=classes, size="tiny").eval()
+    net = MedFusionNet(num_classes=classes, network_size="tiny").eval()
     with torch.no_grad():
         out = net(torch.rand(batch, 1, size, size), _tabular(batch))
     assert out.shape == (batch, classes) and torch.isfinite(out).all()
@@ -62,30 +62,30 @@ ABLATIONS = [
 @pytest.mark.parametrize("options", ABLATIONS, ids=lambda o: "-".join(f"{v}" for v in o.values()))
 def test_every_parameter_gets_a_gradient(options):
     torch.manual_seed(0)
-    net = _open_gates(MedFusionNet(num_classes=7, size="tiny", **options))
+    net = _open_gates(MedFusionNet(num_classes=7, network_size="tiny", **options))
     net(torch.rand(4, 1, 64, 64), _tabular(4)).sum().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_ablation_switches_change_the_network():
-    full = MedFusionNet(size="tiny")
+    full = MedFusionNet(network_size="tiny")
     assert full.interaction and full.fpn is None and full.tabular_tokens is not None and full.baseline is not None
-    assert MedFusionNet(size="tiny", fpn=True).fpn is not None
-    assert MedFusionNet(size="tiny", baseline_path=False).gate is None
-    assert MedFusionNet(size="tiny", branches=("transformer", "relational")).baseline is None
-    assert not MedFusionNet(size="tiny", branches=("cnn", "relational")).interaction
-    no_rel = MedFusionNet(size="tiny", branches=("cnn", "transformer"))
+    assert MedFusionNet(network_size="tiny", fpn=True).fpn is not None
+    assert MedFusionNet(network_size="tiny", baseline_path=False).gate is None
+    assert MedFusionNet(network_size="tiny", branches=("transformer", "relational")).baseline is None
+    assert not MedFusionNet(network_size="tiny", branches=("cnn", "relational")).interaction
+    no_rel = MedFusionNet(network_size="tiny", branches=("cnn", "transformer"))
     assert all(layer.self_attn is None for layer in no_rel.decoder)
-    assert MedFusionNet(size="tiny", fusion="concat").concat_mlp is not None
-    for bad in (dict(branches=()), dict(branches=("cnn", "lstm")), dict(fusion="sum"), dict(size="huge")):
+    assert MedFusionNet(network_size="tiny", fusion="concat").concat_mlp is not None
+    for bad in (dict(branches=()), dict(branches=("cnn", "lstm")), dict(fusion="sum"), dict(network_size="huge")):
         with pytest.raises(ValueError):
             MedFusionNet(**bad)
 
 
 def test_eval_determinism_and_batch_size_independence():
     torch.manual_seed(0)
-    net = MedFusionNet(size="tiny").eval()
+    net = MedFusionNet(network_size="tiny").eval()
     image, tab = torch.rand(4, 1, 64, 64), _tabular(4)
     with torch.no_grad():
         whole = net(image, tab)
@@ -95,7 +95,7 @@ def test_eval_determinism_and_batch_size_independence():
 
 
 def test_no_tabular_equals_all_missing_tabular():
-    net = MedFusionNet(size="tiny").eval()
+    net = MedFusionNet(network_size="tiny").eval()
     image = torch.rand(2, 1, 64, 64)
     missing = torch.from_numpy(missing_tabular_vector()).expand(2, -1)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_no_tabular_equals_all_missing_tabular():
 )
 def test_torchscript_parity(options):
     torch.manual_seed(0)
-    net = _open_gates(MedFusionNet(size="tiny", **options), 0.5).eval()
+    net = _open_gates(MedFusionNet(network_size="tiny", **options), 0.5).eval()
     scripted = torch.jit.script(net)
     image, tab = torch.rand(2, 1, 96, 96), _tabular(2)
     with torch.no_grad():
@@ -124,22 +124,22 @@ def test_torchscript_parity(options):
 
 def test_class_reweighting_starts_at_the_prior():
     counts = [1000, 100, 10, 500, 50, 5, 200]
-    net = MedFusionNet(num_classes=7, size="tiny", label_counts=counts)
-    prior = class_prior(counts, 7)
+    net = MedFusionNet(num_classes=7, network_size="tiny", label_counts=counts)
+    prior = initial_gains(counts, 7)
     torch.testing.assert_close(net.reweighting.gains(), prior, atol=1e-5, rtol=1e-5)
     expected = (1 / np.sqrt(counts)) / np.mean(1 / np.sqrt(counts))  # inverse sqrt-frequency, mean 1
     np.testing.assert_allclose(prior.numpy(), np.clip(expected, 1 / 3, 3), rtol=1e-5)
     assert prior[5] > prior[0]  # the rarest finding gets the largest gain
-    torch.testing.assert_close(MedFusionNet(num_classes=7, size="tiny").reweighting.gains(), torch.ones(7))
+    torch.testing.assert_close(MedFusionNet(num_classes=7, network_size="tiny").reweighting.gains(), torch.ones(7))
     with pytest.raises(ValueError, match="num_classes=7"):
-        MedFusionNet(num_classes=7, size="tiny", label_counts=[1, 2])
+        MedFusionNet(num_classes=7, network_size="tiny", label_counts=[1, 2])
 
 
 def test_cnn_initialisation_from_a_densenet_file(tmp_path):
     reference = DenseNet121(spatial_dims=2, in_channels=1, out_channels=14)
     monai_file = tmp_path / "monai.pt"
     torch.save(reference.state_dict(), monai_file)
-    net = MedFusionNet(size="base")
+    net = MedFusionNet(network_size="base")
     unused = net.load_cnn_weights(str(monai_file))
     assert all(k.startswith("class_layers") for k in unused)
     torch.testing.assert_close(net.stem[0].weight, reference.features.conv0.weight)
@@ -156,16 +156,19 @@ def test_cnn_initialisation_from_a_densenet_file(tmp_path):
         torchvision_style[key] = value
     tv_file = tmp_path / "tv.pt"
     torch.save(torchvision_style, tv_file)
-    net2 = MedFusionNet(size="base")
+    net2 = MedFusionNet(network_size="base")
     net2.load_cnn_weights(str(tv_file))
     # RGB kernels are summed: on a gray image the 1-channel network responds as the RGB one on its 3 copies
     torch.testing.assert_close(net2.stem[0].weight, 3 * reference.features.conv0.weight)
     with pytest.raises(ValueError, match="not a matching DenseNet|expected"):
-        MedFusionNet(size="tiny").load_cnn_weights(str(monai_file))
+        MedFusionNet(network_size="tiny").load_cnn_weights(str(monai_file))
 
 
 def test_registry_refuses_what_a_network_does_not_take():
-    mfn = {"size": "tiny", "fusion": "concat"}  # MedFusionNet's own group: used for it, left out for the baseline
+    mfn = {
+        "network_size": "tiny",
+        "fusion": "concat",
+    }  # MedFusionNet's own group: used for it, left out for the baseline
     net = medfusionnet.create_network("densenet121", num_classes=3, image_size=64, medfusionnet=mfn)
     assert net(torch.rand(1, 1, 64, 64)).shape == (1, 3)
     built = medfusionnet.create_network("medfusionnet", num_classes=3, medfusionnet=mfn)
@@ -182,8 +185,8 @@ def test_registry_refuses_what_a_network_does_not_take():
 
 @pytest.mark.slow
 def test_tiny_model_overfits_real_images(nih_dir):
-    from medfusionnet.data import prepare_datasets
-    from medfusionnet.transforms import xray_transforms
+    from medfusionnet.data.nih import prepare_datasets
+    from medfusionnet.data.transforms import xray_transforms
 
     data = prepare_datasets(str(nih_dir), str(nih_dir / "labels.csv"), str(nih_dir / "images_256"))
     transform = xray_transforms(data.encoder, 64)
@@ -192,7 +195,7 @@ def test_tiny_model_overfits_real_images(nih_dir):
     tab = torch.stack([i["tabular"] for i in items])
     label = torch.stack([i["label"] for i in items])
     torch.manual_seed(0)
-    net = MedFusionNet(size="tiny", drop_path_rate=0.0)
+    net = MedFusionNet(network_size="tiny", drop_path_rate=0.0)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     losses = []
     for _ in range(80):
@@ -206,8 +209,8 @@ def test_tiny_model_overfits_real_images(nih_dir):
 
 
 def test_fpn_channels_override_widens_the_pyramid_only():
-    narrow = MedFusionNet(size="tiny", image_size=64, fpn=True)
-    wide = MedFusionNet(size="tiny", image_size=64, fpn=True, fpn_channels=48)
+    narrow = MedFusionNet(network_size="tiny", image_size=64, fpn=True)
+    wide = MedFusionNet(network_size="tiny", image_size=64, fpn=True, fpn_channels=48)
     assert narrow.fpn.layer_blocks[0].out_channels == 32 and wide.fpn.layer_blocks[0].out_channels == 48
     assert [p.in_features for p in wide.cnn_token_proj] == [48, 48, 48]
     assert wide(torch.rand(2, 1, 64, 64)).shape == (2, 14)
@@ -235,7 +238,7 @@ def test_untrained_network_computes_the_densenet121_baseline(tmp_path):
 
 def test_only_the_gates_learn_in_the_first_step_then_everything():
     torch.manual_seed(0)
-    net = MedFusionNet(num_classes=5, size="tiny")
+    net = MedFusionNet(num_classes=5, network_size="tiny")
     image, tab, target = torch.rand(4, 1, 64, 64), _tabular(4), (torch.rand(4, 5) > 0.5).float()
     loss = torch.nn.functional.binary_cross_entropy_with_logits(net(image, tab), target)
     loss.backward()
@@ -252,7 +255,7 @@ def test_only_the_gates_learn_in_the_first_step_then_everything():
 
 def test_deep_supervision_returns_the_branch_logits_in_training_only():
     torch.manual_seed(0)
-    net = _open_gates(MedFusionNet(num_classes=5, size="tiny", deep_supervision=True, drop_path_rate=0.0), 0.3)
+    net = _open_gates(MedFusionNet(num_classes=5, network_size="tiny", deep_supervision=True, drop_path_rate=0.0), 0.3)
     net.baseline.dropout.p = 0.0  # training mode: no random masks, so two passes agree
     image, tab, target = torch.rand(2, 1, 64, 64), _tabular(2), (torch.rand(2, 5) > 0.5).float()
     out = net(image, tab)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import medfusionnet
-from medfusionnet.baselines import DenseNet121Tabular
+from medfusionnet.networks.baselines import DenseNet121Tabular
 
 
 @pytest.mark.parametrize("batch, size, classes", [(1, 32, 14), (3, 64, 7), (2, 96, 5)])
@@ -31,7 +31,7 @@ def test_tabular_changes_the_output_only_when_used():
 
 
 def test_no_tabular_equals_all_missing_tabular():
-    from medfusionnet.tabular import TabularEncoder, missing_tabular_vector
+    from medfusionnet.data.tabular import TabularEncoder, missing_tabular_vector
 
     net = DenseNet121Tabular(num_classes=5).eval()
     image = torch.rand(3, 1, 64, 64)

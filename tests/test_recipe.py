@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import medfusionnet
-from medfusionnet.workflows import parameter_groups, training_network, warmup_cosine_schedule
+from medfusionnet.engine.training import parameter_groups, training_network, warmup_cosine_schedule
 
 
 def test_parameter_groups_split_medfusionnet_into_baseline_fusion_and_gates():
-    net = medfusionnet.create_network("medfusionnet", size="tiny")
+    net = medfusionnet.create_network("medfusionnet", network_size="tiny")
     groups = parameter_groups(net, fusion_lr_scale=3.0, gate_lr_scale=30.0)
     assert [g["lr_scale"] for g in groups] == [1.0, 3.0, 30.0]
     names = {id(p): n for n, p in net.named_parameters()}
@@ -56,11 +56,13 @@ def test_without_warmup_the_schedule_is_cosine_annealing():
 
 
 def test_deep_supervision_is_switched_on_for_training_and_refused_without_branches():
-    net = training_network(medfusionnet.create_network("medfusionnet", size="tiny"), "cpu", deep_supervision=True)
+    net = training_network(
+        medfusionnet.create_network("medfusionnet", network_size="tiny"), "cpu", deep_supervision=True
+    )
     assert net.train()(torch.rand(2, 1, 64, 64)).shape == (2, 3, 14)
     assert net.eval()(torch.rand(2, 1, 64, 64)).shape == (2, 14)
     with pytest.raises(ValueError, match="aux_loss_weight > 0 needs .* not DenseNet121Tabular"):
         training_network(medfusionnet.create_network("densenet121"), "cpu", deep_supervision=True)
-    without = medfusionnet.create_network("medfusionnet", size="tiny", baseline_path=False)
+    without = medfusionnet.create_network("medfusionnet", network_size="tiny", baseline_path=False)
     with pytest.raises(ValueError, match="aux_loss_weight > 0 needs"):
         training_network(without, "cpu", deep_supervision=True)

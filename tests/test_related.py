@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import medfusionnet
-from medfusionnet.related import (
+from medfusionnet.networks.related import (
     AttentivePooling,
     BatchNormMlp,
     CTransCNN,
@@ -23,7 +23,7 @@ TAB = medfusionnet.NUM_TABULAR_FEATURES
 
 def test_ctranscnn_logits_with_and_without_tabular_and_every_parameter_learns():
     torch.manual_seed(0)
-    net = medfusionnet.create_network("ctranscnn", size="tiny", image_size=64, num_classes=5)
+    net = medfusionnet.create_network("ctranscnn", network_size="tiny", image_size=64, num_classes=5)
     assert isinstance(net, CTransCNN)
     image, tab = torch.rand(2, 1, 64, 64), torch.randn(2, TAB)
     net.eval()
@@ -42,7 +42,9 @@ def test_ctranscnn_logits_with_and_without_tabular_and_every_parameter_learns():
 def test_ctranscnn_scores_are_the_weighted_sum_of_the_two_branches():
     torch.manual_seed(0)
     image = torch.rand(2, 1, 64, 64)
-    nets = {w: CTransCNN(num_classes=4, size="tiny", image_size=64, branch_weight=w).eval() for w in (0.0, 0.9, 1.0)}
+    nets = {
+        w: CTransCNN(num_classes=4, network_size="tiny", image_size=64, branch_weight=w).eval() for w in (0.0, 0.9, 1.0)
+    }
     for net in list(nets.values())[1:]:
         net.load_state_dict(nets[0.0].state_dict())
     with torch.no_grad():
@@ -52,7 +54,7 @@ def test_ctranscnn_scores_are_the_weighted_sum_of_the_two_branches():
         nets[0.0].decoder[0].mlp.fc2.weight.add_(1.0)
         torch.testing.assert_close(nets[0.0](image), cnn)
     with pytest.raises(ValueError, match="branch_weight"):
-        CTransCNN(size="tiny", branch_weight=1.5)
+        CTransCNN(network_size="tiny", branch_weight=1.5)
 
 
 def test_mss_block_matches_the_formula_by_hand():
@@ -109,7 +111,7 @@ def _small_ensemble(**kwargs):
         num_classes=3,
         image_size=64,
         members=["densenet121", "medfusionnet"],
-        member_args=[{}, {"size": "tiny"}],
+        member_args=[{}, {"network_size": "tiny"}],
         **kwargs,
     )
 
@@ -155,13 +157,14 @@ def test_ensemble_loads_separately_trained_members(tmp_path):
 def test_bce_focal_loss_is_the_sum_of_its_parts():
     from monai.losses import FocalLoss
 
-    from medfusionnet.losses import class_weights, create_loss
+    from medfusionnet.data.label_weights import inverse_frequency_weights
+    from medfusionnet.engine.losses import create_loss
 
     torch.manual_seed(0)
     logits, target = torch.randn(6, 4), (torch.rand(6, 4) > 0.5).float()
-    counts, n = [3, 1, 2, 5], 6
-    loss = create_loss("bce_focal", label_counts=counts, num_samples=n)
-    weight = class_weights(counts, n)
+    counts = [3, 1, 2, 5]
+    loss = create_loss("bce_focal", label_counts=counts)
+    weight = inverse_frequency_weights(counts)
     bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
     focal = FocalLoss(gamma=2.0, weight=weight, use_softmax=False)(logits, target)
     torch.testing.assert_close(loss(logits, target), bce + focal)

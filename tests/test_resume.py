@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints, resume and determinism (`medfusionnet.resume`): two runs with one seed agree exactly, and a
+"""Crash-safe checkpoints, resume and determinism (`medfusionnet.engine.resume`): two runs with one seed agree exactly, and a
 run killed with SIGKILL after an epoch and resumed ends where an uninterrupted run ends."""
 
 import errno
@@ -16,8 +16,8 @@ from ignite.engine import Engine
 from monai.handlers import CheckpointSaver
 
 import medfusionnet
+from medfusionnet.engine.resume import CHECKPOINT_FILE, TrainingCheckpoint, epoch_seed
 from medfusionnet.files import save_torch_atomic
-from medfusionnet.resume import CHECKPOINT_FILE, TrainingCheckpoint, epoch_seed
 
 EPOCHS = 3
 
@@ -127,7 +127,7 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(runs):
 
 
 def test_resume_values_from_the_command_line():
-    from medfusionnet.resume import parse_resume
+    from medfusionnet.engine.resume import parse_resume
 
     assert [parse_resume(v) for v in (True, "true", "True", "yes", "1")] == [True] * 5
     assert [parse_resume(v) for v in (False, None, "false", "no", "0", "none")] == [False] * 6
@@ -163,7 +163,7 @@ def _handler(tmp_path, network, resume, saver=None):
 
 def test_resume_refuses_weights_only_files_and_other_networks(tmp_path):
     torch.manual_seed(0)
-    tiny = medfusionnet.create_network("medfusionnet", size="tiny", image_size=64)
+    tiny = medfusionnet.create_network("medfusionnet", network_size="tiny", image_size=64)
     torch.save(tiny.state_dict(), tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"model.pt is not a training checkpoint"):
         _handler(tmp_path, tiny, str(tmp_path / "model.pt")).load(Engine(lambda e, b: None))

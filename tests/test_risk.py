@@ -9,9 +9,9 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
 
-from medfusionnet import risk
 from medfusionnet.constants import LABELS
-from medfusionnet.data import read_nih_csv
+from medfusionnet.data.nih import read_nih_csv
+from medfusionnet.risk import two_stage
 
 CERVICAL = DATA / "cervical" / "risk_factors_cervical_cancer.csv"
 
@@ -25,7 +25,7 @@ def _script(name):
 
 @pytest.fixture(scope="module")
 def cervical():
-    return risk.read_risk_csv(require(CERVICAL), risk.CERVICAL_OUTCOMES)
+    return two_stage.read_risk_csv(require(CERVICAL), two_stage.CERVICAL_OUTCOMES)
 
 
 def _synthetic(n=600, cut=37, noise=0.05, seed=0):
@@ -49,47 +49,47 @@ def test_cervical_csv_parses_with_the_documented_counts(cervical):
 
 def test_threshold_search_recovers_a_known_cut_point():
     x, y = _synthetic()
-    found = risk.search_threshold(x["x"].to_numpy(), y)
+    found = two_stage.search_threshold(x["x"].to_numpy(), y)
     assert abs(found["threshold"] - 37.5) <= 1.0 and found["direction"] == ">"
     # the refined rule's score is the ROC-AUC of the 0/1 rule, as scikit-learn computes it
     assert found["score"] == pytest.approx(roc_auc_score(y, x["x"] > found["threshold"]))
-    model = risk.TwoStageRiskModel(top_n=1).fit(x, y)
+    model = two_stage.TwoStageRiskModel(top_n=1).fit(x, y)
     assert model.selected_features_ == ["x"] and model.stage1_[0]["feature"] == "x"
-    f1 = risk.search_threshold(x["x"].to_numpy(), y, score="f1")
+    f1 = two_stage.search_threshold(x["x"].to_numpy(), y, score="f1")
     assert abs(f1["threshold"] - 37.5) <= 1.0
 
 
 def test_rule_scores_flip_a_protective_rule():
     x, y = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1, 1, 0, 0])
-    scores, directions = risk.rule_scores(x, y, np.array([2.5]))
+    scores, directions = two_stage.rule_scores(x, y, np.array([2.5]))
     assert scores[0] == 1.0 and directions[0] == "<="
-    f1, direction = risk.rule_scores(x, y, np.array([2.5]), "f1")
+    f1, direction = two_stage.rule_scores(x, y, np.array([2.5]), "f1")
     assert f1[0] == 1.0 and direction[0] == "<="
 
 
 def test_preprocessing_drops_and_imputes():
     x = pd.DataFrame({"a": [1.0, np.nan, 3.0, 10.0], "empty": [np.nan, np.nan, np.nan, 1.0], "const": [2.0] * 4})
-    pre = risk.RiskPreprocessor().fit(x)
+    pre = two_stage.RiskPreprocessor().fit(x)
     assert pre.columns_ == ["a"] and set(pre.dropped_) == {"empty", "const"}
     assert pre.transform(x)["a"].tolist() == [1.0, 3.0, 3.0, 10.0]  # median of 1, 3, 10
-    ffill = risk.RiskPreprocessor(imputation="ffill").fit(x)
+    ffill = two_stage.RiskPreprocessor(imputation="ffill").fit(x)
     assert ffill.transform(x)["a"].tolist() == [1.0, 1.0, 3.0, 10.0]
     assert ffill.transform(x.iloc[[1, 0]])["a"].tolist() == [3.0, 1.0]  # a leading gap takes the median
     with pytest.raises(ValueError, match="imputation='mean'"):
-        risk.RiskPreprocessor(imputation="mean").fit(x)
+        two_stage.RiskPreprocessor(imputation="mean").fit(x)
 
 
 def test_cross_validation_fits_everything_inside_the_folds(cervical):
     x, y_table = cervical
-    result = risk.cross_validate(
-        x, y_table, {"two_stage": risk.TwoStageRiskModel()}, outcomes=["Biopsy"], repeats=1, keep_models=True
+    result = two_stage.cross_validate(
+        x, y_table, {"two_stage": two_stage.TwoStageRiskModel()}, outcomes=["Biopsy"], repeats=1, keep_models=True
     )
     assert len(result["folds"]) == 5 and len(result["scores"]) == 5
     for _, _, train, fitted in result["folds"]:
         expected = x.iloc[train][fitted.preprocessor_.columns_].median()
         assert fitted.preprocessor_.medians_ == pytest.approx(expected.to_dict())
         assert fitted.prevalence_ == pytest.approx(y_table["Biopsy"].iloc[train].mean())
-        assert sum(leaf["n"] for leaf, _ in risk.iter_leaves(fitted.nodes_)) == len(train)
+        assert sum(leaf["n"] for leaf, _ in two_stage.iter_leaves(fitted.nodes_)) == len(train)
     assert "Biopsy" in result["roc"] and result["scores"]["auc"].between(0, 1).all()
 
 
@@ -106,7 +106,7 @@ def test_missing_indicators_share_a_pattern_and_carry_signal():
             "age": rng.integers(15, 60, n),
         }
     )
-    pre = risk.RiskPreprocessor().fit(x)
+    pre = two_stage.RiskPreprocessor().fit(x)
     assert pre.indicators_ == {"stds missing": ["stds", "stds_number"], "rare missing": ["rare"]}
     assert "rare" in pre.dropped_ and pre.output_columns() == [
         "stds",
@@ -118,32 +118,38 @@ def test_missing_indicators_share_a_pattern_and_carry_signal():
     out = pre.transform(x)
     np.testing.assert_array_equal(out["stds missing"], skipped.astype(float))
     assert not out.isna().any().any()
-    again = risk.RiskPreprocessor.from_dict(json.loads(json.dumps(pre.to_dict())))
+    again = two_stage.RiskPreprocessor.from_dict(json.loads(json.dumps(pre.to_dict())))
     pd.testing.assert_frame_equal(again.transform(x), out)
-    assert risk.RiskPreprocessor(missing_indicators=False).fit(x).output_columns() == ["stds", "stds_number", "age"]
-    model = risk.TwoStageRiskModel(top_n=1).fit(x, y)
+    assert two_stage.RiskPreprocessor(missing_indicators=False).fit(x).output_columns() == [
+        "stds",
+        "stds_number",
+        "age",
+    ]
+    model = two_stage.TwoStageRiskModel(top_n=1).fit(x, y)
     assert model.selected_features_ == ["stds missing"]  # the gap pattern is the only signal
 
 
 def test_forest_stage2_round_trips_and_matches_scikit_learn(cervical, tmp_path):
     x, y_table = cervical
-    model = risk.TwoStageRiskModel(**{**risk.FOREST_PARAMS, "n_estimators": 25}).fit(x, y_table["Biopsy"])
+    model = two_stage.TwoStageRiskModel(**{**two_stage.FOREST_PARAMS, "n_estimators": 25}).fit(x, y_table["Biopsy"])
     assert len(model.trees_) == 25 and model.top_n_ is None
     assert len(model.selected_features_) == len(model.stage1_)
     values = model.preprocessor_.transform(x)[model.selected_features_].to_numpy()
     np.testing.assert_allclose(model.predict_proba(x), model.forest_.predict_proba(values), rtol=0, atol=1e-12)
-    risk.save_models(tmp_path / "forest.json", {"Biopsy": model})
-    loaded = risk.load_models(tmp_path / "forest.json")["Biopsy"]
+    two_stage.save_models(tmp_path / "forest.json", {"Biopsy": model})
+    loaded = two_stage.load_models(tmp_path / "forest.json")["Biopsy"]
     assert loaded.forest_ is None and loaded.stage2 == "forest"
     np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
     np.testing.assert_array_equal(loaded.predict_risk(x), model.predict_risk(x))
     first = model.forest_.estimators_[0]
-    np.testing.assert_array_equal(risk.apply_arrays(loaded.trees_[0], values), first.apply(values.astype(np.float32)))
+    np.testing.assert_array_equal(
+        two_stage.apply_arrays(loaded.trees_[0], values), first.apply(values.astype(np.float32))
+    )
 
 
 def test_top_n_auto_is_chosen_by_inner_cross_validation():
     x, y = _synthetic(n=300)
-    model = risk.TwoStageRiskModel(top_n="auto", top_n_grid=(1, 3), max_depth=2).fit(x, y)
+    model = two_stage.TwoStageRiskModel(top_n="auto", top_n_grid=(1, 3), max_depth=2).fit(x, y)
     assert set(model.top_n_scores_) == {1, 3} and model.top_n_ == max(model.top_n_scores_, key=model.top_n_scores_.get)
     assert model.top_n_scores_[1] > 0.85  # the single true cut point already ranks well on held-out rows
     assert len(model.selected_features_) == model.top_n_
@@ -152,7 +158,7 @@ def test_top_n_auto_is_chosen_by_inner_cross_validation():
 def test_grouped_folds_keep_each_patient_on_one_side():
     y = np.array([0, 1] * 30)
     groups = np.repeat(np.arange(20), 3)  # three images per patient
-    folds = risk.fold_indices(y, n_splits=5, repeats=2, seed=0, groups=groups)
+    folds = two_stage.fold_indices(y, n_splits=5, repeats=2, seed=0, groups=groups)
     assert len(folds) == 10
     for train, test in folds:
         assert not set(groups[train]) & set(groups[test]) and 0 < y[test].mean() < 1
@@ -162,22 +168,24 @@ def test_grouped_folds_keep_each_patient_on_one_side():
 
 def test_json_round_trip_predicts_identically(cervical, tmp_path):
     x, y_table = cervical
-    features = risk.outcome_features(x, y_table, "Biopsy", with_screening=True)
+    features = two_stage.outcome_features(x, y_table, "Biopsy", with_screening=True)
     assert {"Hinselmann", "Schiller", "Citology"} <= set(features.columns) and "Biopsy" not in features.columns
-    model = risk.TwoStageRiskModel().fit(features, y_table["Biopsy"])
-    risk.save_models(tmp_path / "model.json", {"Biopsy": model}, with_screening=True)
+    model = two_stage.TwoStageRiskModel().fit(features, y_table["Biopsy"])
+    two_stage.save_models(tmp_path / "model.json", {"Biopsy": model}, with_screening=True)
     document = json.loads((tmp_path / "model.json").read_text())
     assert document["outcomes"]["Biopsy"]["preprocessing"]["medians"]["Age"] == x["Age"].median()
-    loaded = risk.load_models(tmp_path / "model.json")["Biopsy"]
+    loaded = two_stage.load_models(tmp_path / "model.json")["Biopsy"]
     assert loaded.tree_ is None  # prediction runs from the JSON rules alone
     np.testing.assert_array_equal(loaded.predict_proba(features), model.predict_proba(features))
     np.testing.assert_array_equal(loaded.predict_risk(features), model.predict_risk(features))
     # the JSON routing agrees with scikit-learn's own tree
     reference = model.tree_.apply(model.preprocessor_.transform(features)[model.selected_features_].to_numpy())
-    np.testing.assert_array_equal(risk.apply_nodes(model.nodes_, model.preprocessor_.transform(features)), reference)
+    np.testing.assert_array_equal(
+        two_stage.apply_nodes(model.nodes_, model.preprocessor_.transform(features)), reference
+    )
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="other.json"):
-        risk.load_models(tmp_path / "other.json")
+        two_stage.load_models(tmp_path / "other.json")
 
 
 def test_risk_levels_are_monotone_on_training_data(cervical):
@@ -187,17 +195,17 @@ def test_risk_levels_are_monotone_on_training_data(cervical):
         ("Biopsy", True, {}),
         ("Schiller", False, {}),
         ("Schiller", True, {}),
-        ("Biopsy", False, risk.FOREST_PARAMS),
+        ("Biopsy", False, two_stage.FOREST_PARAMS),
     ):
-        features = risk.outcome_features(x, y_table, outcome, with_screening)
-        model = risk.TwoStageRiskModel(**{**params, "n_estimators": 25}).fit(features, y_table[outcome])
-        rates = risk.level_rates(model, features, y_table[outcome]).dropna()["rate"].to_numpy()
+        features = two_stage.outcome_features(x, y_table, outcome, with_screening)
+        model = two_stage.TwoStageRiskModel(**{**params, "n_estimators": 25}).fit(features, y_table[outcome])
+        rates = two_stage.level_rates(model, features, y_table[outcome]).dropna()["rate"].to_numpy()
         assert len(rates) >= 2 and np.all(np.diff(rates) > 0), (outcome, with_screening, rates)
 
 
 def test_estimator_conventions():
     x, y = _synthetic(n=200)
-    model = risk.TwoStageRiskModel(top_n=2, max_depth=2)
+    model = two_stage.TwoStageRiskModel(top_n=2, max_depth=2)
     with pytest.raises(NotFittedError):
         model.predict(x)
     copy = clone(model)
@@ -207,20 +215,20 @@ def test_estimator_conventions():
     np.testing.assert_array_equal(model.predict(x.to_numpy()), model.predict(x))  # arrays use the fit's column order
     assert model.score(x, y) > 0.9  # ClassifierMixin accuracy on an almost separable rule
     with pytest.raises(ValueError, match="stage1_score='gini'"):
-        risk.TwoStageRiskModel(stage1_score="gini").fit(x, y)
+        two_stage.TwoStageRiskModel(stage1_score="gini").fit(x, y)
     with pytest.raises(ValueError, match="stage2='boosting'"):
-        risk.TwoStageRiskModel(stage2="boosting").fit(x, y)
+        two_stage.TwoStageRiskModel(stage2="boosting").fit(x, y)
     with pytest.raises(ValueError, match="top_n=0"):
-        risk.TwoStageRiskModel(top_n=0).fit(x, y)
+        two_stage.TwoStageRiskModel(top_n=0).fit(x, y)
 
 
 def test_bins_describe_thresholds():
-    bins = risk.load_bins()
+    bins = two_stage.load_bins()
     assert {"Age", "Number of sexual partners", "First sexual intercourse", "age"} <= set(bins)
-    assert risk.describe_rule("Age", ">", 37.5, bins) == "Age > 37.5 (threshold in bin 35-44)"
-    assert risk.discretise([17, 18, 60], bins["Age"]).tolist() == ["<18", "18-24", ">=55"]
+    assert two_stage.describe_rule("Age", ">", 37.5, bins) == "Age > 37.5 (threshold in bin 35-44)"
+    assert two_stage.discretise([17, 18, 60], bins["Age"]).tolist() == ["<18", "18-24", ">=55"]
     with pytest.raises(ValueError, match="'Age'.*2 labels"):
-        risk.validate_bins({"Age": {"edges": [0, 10, 20, 30], "labels": ["a", "b"]}}, "cfg.yaml")
+        two_stage.validate_bins({"Age": {"edges": [0, 10, 20, 30], "labels": ["a", "b"]}}, "cfg.yaml")
 
 
 @pytest.mark.parametrize(
@@ -237,14 +245,14 @@ def test_bad_input_errors(tmp_path, text, outcomes, match):
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
-        risk.read_risk_csv(path, outcomes)
+        two_stage.read_risk_csv(path, outcomes)
 
 
 def test_sentinels_become_missing(tmp_path, caplog):
     path = tmp_path / "s.csv"
     path.write_text("a,b,y\n?,1,0\n NA ,nan,1\n,2,0\n3,NaN,1\n")
-    with caplog.at_level("INFO", logger="medfusionnet.risk"):
-        x, y_table = risk.read_risk_csv(path, ["y"])
+    with caplog.at_level("INFO", logger="medfusionnet.risk.two_stage"):
+        x, y_table = two_stage.read_risk_csv(path, ["y"])
     assert x["a"].isna().tolist() == [True, True, True, False] and x["b"].isna().sum() == 2
     assert y_table["y"].tolist() == [0, 1, 0, 1]
     assert f"{path}: 5 missing cell(s) in 4 row(s) and 2 of 2 feature column(s) (most in 'a': 3)" in caplog.text
@@ -252,8 +260,8 @@ def test_sentinels_become_missing(tmp_path, caplog):
 
 def test_nih_tables():
     frame = read_nih_csv(require(NIH / "labels.csv"))
-    x, y_table = risk.nih_tables(frame)
-    assert list(x.columns) == list(risk.NIH_FEATURES) and list(y_table.columns) == list(LABELS)
+    x, y_table = two_stage.nih_tables(frame)
+    assert list(x.columns) == list(two_stage.NIH_FEATURES) and list(y_table.columns) == list(LABELS)
     assert x["sex_M"].sum() == 247 and x["view_PA"].sum() == 394
     assert int(y_table["Infiltration"].sum()) == 92
 
@@ -290,16 +298,16 @@ def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
         "tree_Schiller.png",
     } <= names
     patients = pd.read_csv(out / "patients.csv")
-    assert len(patients) == 858 and set(patients["Biopsy_level"]) <= set(risk.RISK_LEVELS)
+    assert len(patients) == 858 and set(patients["Biopsy_level"]) <= set(two_stage.RISK_LEVELS)
     report = (out / "report.md").read_text()
     assert "(a) risk factors only" in report and "(b) with screening results" in report
     assert "random_forest" in report and "gradient_boosting" in report and "| Biopsy | two_stage_tree |" in report
     assert "Positive rate per risk level of `two_stage_forest`, out of fold (first CV repeat), (a)" in report
-    assert risk.load_models(out / "model.json")["Biopsy"].stage2 == "forest"
-    loaded = risk.load_models(out / "model.json")
-    x, y_table = risk.read_risk_csv(CERVICAL, ["Biopsy", "Schiller"])
+    assert two_stage.load_models(out / "model.json")["Biopsy"].stage2 == "forest"
+    loaded = two_stage.load_models(out / "model.json")
+    x, y_table = two_stage.read_risk_csv(CERVICAL, ["Biopsy", "Schiller"])
     np.testing.assert_allclose(
-        loaded["Biopsy"].predict_proba(risk.outcome_features(x, y_table, "Biopsy", True))[:, 1],
+        loaded["Biopsy"].predict_proba(two_stage.outcome_features(x, y_table, "Biopsy", True))[:, 1],
         patients["Biopsy_probability"],
     )
     assert "AUC (b)" in capsys.readouterr().out

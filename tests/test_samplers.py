@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from ignite.engine import Engine, Events
 
-from medfusionnet.handlers import CurriculumHandler
-from medfusionnet.samplers import BalancedMultilabelSampler, balanced_sample_weights, capped_draw, training_sampler
+from medfusionnet.data.samplers import BalancedMultilabelSampler, balanced_sample_weights, capped_draw, training_sampler
+from medfusionnet.engine.handlers import CurriculumHandler
 
 
 @pytest.fixture

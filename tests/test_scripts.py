@@ -135,7 +135,7 @@ def test_package_bundle_layout(tmp_path, monkeypatch, caplog):
         "docs/README.md",
         "docs/data_license.txt",
         "LICENSE",
-        "medfusionnet/network.py",
+        "medfusionnet/networks/medfusionnet.py",
         "demo_data/images/00000001_000.png",
     ):
         assert (root / path).is_file(), path
@@ -273,7 +273,7 @@ def _network_args(overrides):
             settings[flag[2:]] = value
     parser.update(settings)
     if settings.get("network_name") == "ctranscnn":
-        parser["network_args#size"] = "tiny"
+        parser["network_args#network_size"] = "tiny"
     parser.parse()
     return parser.get_parsed_content("network_args")
 
@@ -284,7 +284,7 @@ def test_every_compared_model_builds_and_gives_logits():
     import torch
 
     import medfusionnet
-    from medfusionnet.registry import TIMM_NETWORKS
+    from medfusionnet.networks.registry import TIMM_NETWORKS
 
     compare = _script("compare")
     has_timm = importlib.util.find_spec("timm") is not None
@@ -361,7 +361,8 @@ def test_compare_ranks_models_and_resumes(tmp_path, monkeypatch):
 def test_soak_bad_files_are_unreadable_and_cycles_are_checked(tmp_path):
     from PIL import Image
 
-    from medfusionnet.imaging import UnreadableImageError, read_xray
+    from medfusionnet.data.image_reader import read_xray
+    from medfusionnet.data.unreadable import UnreadableImageError
 
     soak = _script("soak")
     Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(tmp_path / "good.png")

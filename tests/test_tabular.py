@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from medfusionnet.tabular import FEATURE_NAMES, TabularEncoder, parse_age, parse_follow_up, parse_sex, parse_view
+from medfusionnet.data.tabular import FEATURE_NAMES, TabularEncoder, parse_age, parse_follow_up, parse_sex, parse_view
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import medfusionnet
-from medfusionnet.baselines import TimmTabular
-from medfusionnet.registry import NETWORKS, TIMM_NETWORKS
+from medfusionnet.networks.baselines import TimmTabular
+from medfusionnet.networks.registry import NETWORKS, TIMM_NETWORKS
 
 if os.environ.get("MEDFUSIONNET_REQUIRE_TIMM"):  # set by CI's baselines environment: a missing timm is a failure
     import timm
@@ -66,7 +66,7 @@ def _trainable_fraction(net):
 
 
 def test_convfcmae_head_freezing_and_a_training_step(tmp_path):
-    from medfusionnet.related import CONVFCMAE_FROZEN_FRACTION
+    from medfusionnet.networks.related import CONVFCMAE_FROZEN_FRACTION
 
     torch.manual_seed(0)
     net = medfusionnet.create_network("convfcmae", model_name="convnextv2_atto", image_size=64)

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from medfusionnet.constants import LABELS
-from medfusionnet.data import folder_records, prepare_datasets
-from medfusionnet.imaging import UnreadableImageError
-from medfusionnet.tabular import NUM_TABULAR_FEATURES, TabularEncoder
-from medfusionnet.transforms import XrayDataset, collate_skipping_unreadable, xray_transforms
-from medfusionnet.workflows import data_loader
+from medfusionnet.data.loaders import data_loader
+from medfusionnet.data.nih import folder_records, prepare_datasets
+from medfusionnet.data.tabular import NUM_TABULAR_FEATURES, TabularEncoder
+from medfusionnet.data.transforms import XrayDataset, xray_transforms
+from medfusionnet.data.unreadable import SKIPPED_KEY, UnreadableImageError, collate_skipping_unreadable
 
 
 @pytest.fixture
@@ -65,17 +65,28 @@ def test_unreadable_images_are_skipped_with_a_warning(nih_dir, tmp_path, encoder
         batch = collate_skipping_unreadable([dataset[i] for i in range(3)])
     assert batch["image"].shape == (1, 1, 64, 64) and list(batch["name"]) == ["good.png"]
     assert "empty.png" in caplog.text and "junk.dcm" in caplog.text
+    # each skipped image keeps its name, its file and the reader's reason
+    marks = {m["name"]: m for m in batch[SKIPPED_KEY]}
+    assert set(marks) == {"empty.png", "junk.dcm"}
+    assert marks["empty.png"]["image"] == str(tmp_path / "empty.png") and "empty" in marks["empty.png"]["error"]
     empty = collate_skipping_unreadable([dataset[1], dataset[2]])
     assert empty["image"].shape == (0, 1, 64, 64) and empty["tabular"].shape == (0, NUM_TABULAR_FEATURES)
+    assert len(empty[SKIPPED_KEY]) == 2
     with pytest.raises(UnreadableImageError, match="empty.png, .*junk.dcm"):
-        collate_skipping_unreadable([dataset[1], dataset[2]], allow_empty=False)
+        collate_skipping_unreadable([dataset[1], dataset[2]], train=True)
+    assert SKIPPED_KEY not in collate_skipping_unreadable([dataset[0], dataset[1]], train=True)
 
 
 def test_evaluation_loader_leaves_out_empty_batches(nih_dir, tmp_path, encoder):
     records = _records(nih_dir, tmp_path)
     dataset = XrayDataset([records[1], records[2], records[0]], xray_transforms(encoder, 64))
-    batches = list(data_loader(dataset, batch_size=2))
+    loader = data_loader(dataset, batch_size=2)
+    batches = list(loader)
     assert [list(b["name"]) for b in batches] == [["good.png"]]
+    assert all(SKIPPED_KEY not in b for b in batches)  # the engine never sees the marks
+    assert sorted(m["name"] for m in loader.skipped) == ["empty.png", "junk.dcm"]
+    list(loader)  # a second pass starts a new list
+    assert len(loader.skipped) == 2
 
 
 def test_other_errors_are_not_hidden(encoder):

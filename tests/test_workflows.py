@@ -328,7 +328,7 @@ def test_two_process_cpu_training_with_torchrun(nih_dir, tmp_path):
 def test_cnn_weights_helper(tmp_path):
     from monai.networks.nets import DenseNet121
 
-    from medfusionnet.workflows import with_cnn_weights
+    from medfusionnet.engine.training import with_cnn_weights
 
     path = tmp_path / "densenet.pt"
     reference = DenseNet121(spatial_dims=2, in_channels=1, out_channels=14)
@@ -340,12 +340,12 @@ def test_cnn_weights_helper(tmp_path):
 
 
 def test_a_checkpoint_of_another_network_is_refused_by_name(tmp_path):
-    from medfusionnet.workflows import check_checkpoint
+    from medfusionnet.engine.checkpoints import check_checkpoint
 
-    net = medfusionnet.create_network("medfusionnet", size="tiny", image_size=64)
+    net = medfusionnet.create_network("medfusionnet", network_size="tiny", image_size=64)
     torch.save(net.state_dict(), tmp_path / "same.pt")
     check_checkpoint(str(tmp_path / "same.pt"), net)
-    other_labels = medfusionnet.create_network("medfusionnet", size="tiny", image_size=64, num_classes=15)
+    other_labels = medfusionnet.create_network("medfusionnet", network_size="tiny", image_size=64, num_classes=15)
     torch.save(other_labels.state_dict(), tmp_path / "fifteen.pt")
     with pytest.raises(ValueError, match=r"fifteen.pt.*differ in shape.*\(15,"):
         check_checkpoint(str(tmp_path / "fifteen.pt"), net)
@@ -370,7 +370,7 @@ def test_a_checkpoint_of_another_network_is_refused_by_name(tmp_path):
 def test_a_0_3_checkpoint_is_refused_by_name(tmp_path):
     """0.3.0's MedFusionNet base (384-wide transformer, pyramids, fusion logits only) is the 0.4.0 network with
     these switches; its weights do not load into the 0.4.0 default, and the refusal names the new parts."""
-    from medfusionnet.workflows import check_checkpoint
+    from medfusionnet.engine.checkpoints import check_checkpoint
 
     old = medfusionnet.create_network("medfusionnet", baseline_path=False, fpn=True, embed_dim=384, num_heads=6)
     torch.save(old.state_dict(), tmp_path / "v030.pt")

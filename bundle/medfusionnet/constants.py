@@ -46,6 +46,8 @@ KEY_VIEW = "view"
 KEY_FOLLOW_UP = "follow_up"
 RAW_TABULAR_KEYS = (KEY_AGE, KEY_SEX, KEY_VIEW, KEY_FOLLOW_UP)
 
+# a cell or field that holds one of these (stripped, any case), or nothing at all, is missing
+MISSING_STRINGS: tuple[str, ...] = ("", "?", "na", "nan", "none")
 MAX_PLAUSIBLE_AGE = 120.0  # NIH lists ages such as 412; anything above this is treated as missing
 SEX_CATEGORIES = ("M", "F")
 VIEW_CATEGORIES = ("PA", "AP")

@@ -1,0 +1,49 @@
+"""Checks of a checkpoint file against the configured network, before an engine loads it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def check_checkpoint(path: str, network) -> None:
+    """Refuse a checkpoint that does not fit ``network``, naming the mismatch (before the engine loads it).
+
+    Raises:
+        FileNotFoundError: naming ``path`` when it does not exist.
+        ValueError: naming ``path`` and the first differing parameters (shape mismatch, e.g. another label set, or
+            names missing on either side, e.g. another architecture).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found; train first or pass --ckpt_path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickled whole model (refused unrun), a text file, a truncated download
+        raise ValueError(f"checkpoint {path} cannot be read as a state dict: {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    own = network.module.state_dict() if hasattr(network, "module") else network.state_dict()
+    shapes = [
+        f"'{k}' is {tuple(v.shape)} in the checkpoint but {tuple(own[k].shape)} here"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems = []
+    if shapes:
+        problems.append(
+            f"{len(shapes)} parameter(s) differ in shape, e.g. {'; '.join(shapes[:3])} (another label "
+            "set or network size?)"
+        )
+    if missing or unexpected:
+        problems.append(
+            f"{len(missing)} parameter(s) of this network are absent from the checkpoint (e.g. "
+            f"{missing[:3]}) and {len(unexpected)} are unknown here (e.g. {unexpected[:3]}) (another "
+            "architecture or ablation?)"
+        )
+    if problems:
+        raise ValueError(f"checkpoint {path} does not fit the configured network: " + "; ".join(problems))

@@ -1,0 +1,2 @@
+"""Explanations: saliency maps and their localisation scores (`saliency`) and the explanation workflow
+(`workflow`)."""
