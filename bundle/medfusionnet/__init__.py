@@ -5,6 +5,7 @@ shared `constants`, `files` (atomic writers) and `distributed` (rank helpers). T
 from here.
 """
 
+from .cli_errors import install as _install_cli_errors
 from .constants import LABELS, NUM_CLASSES
 from .data.image_reader import read_xray
 from .data.nih import prepare_datasets
@@ -22,6 +23,8 @@ from .networks.registry import NETWORKS, create_network
 from .risk.two_stage import TwoStageRiskModel
 
 __version__ = "0.6.0"
+
+_install_cli_errors()  # a failed ``python -m monai.bundle`` run ends with the bundle's own message
 
 __all__ = [
     "BalancedMultilabelSampler",

@@ -120,7 +120,10 @@ def _read_dicom(path: str) -> XrayImage:
     except ImportError:  # pydicom < 3
         from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
 
-    ds = pydicom.dcmread(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError as e:  # pydicom's own advice (force=True) is not an option here
+        raise UnreadableImageError(path, "not a DICOM file (no 'DICM' prefix and no File Meta header)") from e
     if "PixelData" not in ds:
         raise UnreadableImageError(path, "DICOM file has no pixel data")
     arr = ds.pixel_array

@@ -44,6 +44,8 @@ from .tabular import TabularEncoder, parse_age, parse_sex, parse_view
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_LABELS_CSV = "Data_Entry_2017.csv"  # the files of NIH's download, where dataset_dir alone is given
+DEFAULT_IMAGES_DIR = "images"
 OFFICIAL_TRAIN_LIST = "train_val_list.txt"
 OFFICIAL_TEST_LIST = "test_list.txt"
 SPLITS = ("official", "random")
@@ -395,6 +397,14 @@ def _make_demo_once(demo_dir: str) -> str:
     return path
 
 
+def _missing_input(dataset_dir: str, path: str, key: str, default: str, problem: str) -> str:
+    """The message for a missing labels CSV or image folder, naming what the user typed: ``dataset_dir`` when the
+    path is that folder's default, else the ``key``."""
+    if os.path.abspath(path) == os.path.abspath(os.path.join(dataset_dir, default)):
+        return f"dataset_dir '{dataset_dir}' has no {default}: pass --{key} <its path>, or check --dataset_dir"
+    return f"{key} '{path}' {problem}"
+
+
 @dataclass
 class PreparedData:
     """Datalists of one run and the tabular encoder fitted on its training part."""
@@ -433,14 +443,23 @@ def prepare_datasets(
     if synthetic:
         dataset_dir = _make_demo_once(demo_dir)
         logger.warning("no dataset_dir given: using the SYNTHETIC demo dataset in %s (not real X-rays)", dataset_dir)
-    csvs = as_paths(labels_csv) or [os.path.join(dataset_dir, "Data_Entry_2017.csv")]
-    folders = as_paths(images_dir) or [os.path.join(dataset_dir, "images")]
+    if not os.path.isdir(dataset_dir):
+        raise FileNotFoundError(
+            f"dataset_dir '{dataset_dir}' is not a folder: point --dataset_dir at the NIH ChestX-ray14 folder "
+            f"(with {DEFAULT_LABELS_CSV} and {DEFAULT_IMAGES_DIR}/), or leave it out to train on the demo set"
+        )
+    csvs = as_paths(labels_csv) or [os.path.join(dataset_dir, DEFAULT_LABELS_CSV)]
+    folders = as_paths(images_dir) or [os.path.join(dataset_dir, DEFAULT_IMAGES_DIR)]
     for path in csvs:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"labels_csv '{path}' does not exist")
+            raise FileNotFoundError(
+                _missing_input(dataset_dir, path, "labels_csv", DEFAULT_LABELS_CSV, "does not exist")
+            )
     for folder in folders:
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"images_dir '{folder}' is not a folder")
+            raise FileNotFoundError(
+                _missing_input(dataset_dir, folder, "images_dir", DEFAULT_IMAGES_DIR, "is not a folder")
+            )
     labels_csv, images_dir = os.pathsep.join(csvs), os.pathsep.join(folders)
     frame = read_nih_csvs(csvs)
     list_folders = (dataset_dir, *(os.path.dirname(p) for p in csvs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 
@@ -19,8 +20,14 @@ def check_checkpoint(path: str, network) -> None:
         raise FileNotFoundError(f"checkpoint {path} not found; train first or pass --ckpt_path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickled whole model (refused unrun), a text file, a truncated download
-        raise ValueError(f"checkpoint {path} cannot be read as a state dict: {type(e).__name__}: {e}") from e
+    except pickle.UnpicklingError as e:  # a pickled whole model (refused unrun) or a file that is not a checkpoint
+        raise ValueError(
+            f"checkpoint {path} cannot be read as a state dict: it is not a PyTorch weights file, or it holds Python "
+            "objects (a whole pickled model), which are not loaded; pass the model.pt that training writes"
+        ) from e
+    except Exception as e:  # a truncated download, a zip that is not a checkpoint
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"checkpoint {path} cannot be read as a state dict: {type(e).__name__}: {first_line}") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
