@@ -49,6 +49,7 @@ class MedFusionNetInfer(InferTask):
     def _load(self):
         if self._loaded is None:
             from medfusionnet.data.transforms import xray_transforms
+            from medfusionnet.engine.run_settings import saved_setting
             from medfusionnet.evaluation.calibration import TemperatureScaling
             from medfusionnet.evaluation.decision import RiskTierRule
             from medfusionnet.explain.workflow import load_trained
@@ -57,6 +58,7 @@ class MedFusionNetInfer(InferTask):
             network, encoder, image_size, thresholds = load_trained(models)
             calibration = os.path.join(models, "calibration.json")
             self._loaded = {
+                "trained_on": saved_setting(models, "data", default={}),
                 "network": network,
                 "image_size": image_size,
                 "thresholds": np.asarray(thresholds),
@@ -64,6 +66,10 @@ class MedFusionNetInfer(InferTask):
                 "rule": RiskTierRule(),
                 "calibration": TemperatureScaling.load(calibration) if os.path.isfile(calibration) else None,
             }
+            if self._loaded["trained_on"].get("synthetic"):
+                logger.warning(
+                    "%s was trained on the SYNTHETIC demo set, not on X-rays: its findings mean nothing", models
+                )
         return self._loaded
 
     def __call__(self, request):
@@ -105,6 +111,7 @@ class MedFusionNetInfer(InferTask):
             "probabilities": image_result["probabilities"],
             "decisions": image_result["decisions"],
             "calibrated": document["calibrated"],
+            "model_trained_on": m["trained_on"],
             "gradcam_finding": LABELS[top],
             "gradcam_label": "pixels at or above half the Grad-CAM maximum",
         }

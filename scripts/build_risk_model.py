@@ -220,13 +220,10 @@ def main(argv=None) -> int:
     candidates = {f"two_stage_{kind}": two_stage.TwoStageRiskModel(**params) for kind, params in kinds.items()}
     candidates.update(two_stage.comparison_models(args.seed))
     results = {}
-    # The folds refit the preprocessing hundreds of times; its "dropping column" lines are kept for the final fit.
-    two_stage.logger.setLevel(logging.WARNING)
     for with_screening in sorted({False, args.with_screening}):
         results[with_screening] = two_stage.cross_validate(
             x, y_table, candidates, with_screening=with_screening, repeats=args.repeats, seed=args.seed, groups=groups
         )
-    two_stage.logger.setLevel(logging.NOTSET)
 
     models, trees, level_tables, patients = {}, {}, {}, pd.DataFrame({ids.name: ids.to_numpy()})
     for outcome in y_table.columns:
@@ -265,11 +262,16 @@ def main(argv=None) -> int:
         tabular = everything[selected].copy()
         tabular.insert(0, ids.name, ids.to_numpy())
         tabular.to_csv(os.path.join(args.output_dir, "tabular_features.csv"), index=False)
+    dropped = {c: r for m in models.values() for c, r in m.preprocessor_.dropped_.items()}
+    if dropped:
+        print(f"dropped {len(dropped)} column(s): " + ", ".join(f"{c} ({r})" for c, r in sorted(dropped.items())))
     for with_screening, result in results.items():
         summary = two_stage.summarize_scores(result["scores"])
         print(f"AUC {SETTINGS[with_screening]}")
         for outcome, model in summary[["outcome", "model"]].itertuples(index=False):
             print(f"  {outcome:<20} {model:<20} {fmt(summary, outcome, model, 'auc')}")
+    written = sorted(f for f in os.listdir(args.output_dir) if os.path.isfile(os.path.join(args.output_dir, f)))
+    print(f"outputs in {os.path.abspath(args.output_dir)}: {', '.join(written)}")
     return 0
 
 

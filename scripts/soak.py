@@ -150,7 +150,7 @@ def cycle(index: int, output_dir: Path, num_bad: int, seed: int) -> dict:
     del parser
     images = data / "images"
     parser = run_workflow(["configs/inference.yaml"], output_dir=str(run), input_dir=str(images), num_workers=0)
-    decisions = json.loads((run / "inference" / "decisions.json").read_text())
+    decisions = json.loads((Path(parser.get_parsed_content("infer_dir")) / "decisions.json").read_text())
     items = decisions["images"] if isinstance(decisions, dict) else decisions
     unreadable = {Path(i["image"]).name for i in items if i["status"] == "unreadable"}
     processed = {Path(i["image"]).name for i in items if i["status"] != "unreadable"}

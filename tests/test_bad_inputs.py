@@ -195,7 +195,7 @@ def test_unreadable_files_are_skipped_and_counted_per_epoch(
     with caplog.at_level(logging.WARNING):
         engine.run(loader, max_epochs=1)
     assert seen == ["00000075_000.png"] and engine.state.skipped_images == 5
-    assert "5 of 6 image(s) were unreadable and skipped this epoch" in caplog.text
+    assert "5 of 6 image(s) were unreadable and skipped by this run" in caplog.text  # an evaluation: no epochs
     if num_workers == 0:  # a worker process logs the file names in its own process
         for path in paths[1:]:
             assert f"skipping unreadable image: cannot read image '{path}'" in caplog.text
@@ -217,6 +217,7 @@ def test_training_drops_an_unreadable_remainder_and_names_a_full_unreadable_batc
         seen = []
         engine = Engine(lambda engine, batch: seen.extend(batch["name"]))
         engine.data_loader = loader
+        engine.optimizer = None  # a trainer, as MONAI's SupervisedTrainer is
         UnreadableImageReport().attach(engine)
         engine.run(loader, max_epochs=1)
         return seen, engine
@@ -225,7 +226,7 @@ def test_training_drops_an_unreadable_remainder_and_names_a_full_unreadable_batc
     with caplog.at_level(logging.WARNING):
         seen, engine = run([good, bad[0], good, good, bad[1]])
     assert seen == ["00000075_000.png"] * 3 and engine.state.skipped_images == 1
-    assert "1 of 4 image(s) were unreadable and skipped this epoch" in caplog.text
+    assert "1 of 4 image(s) were unreadable and skipped in epoch 1" in caplog.text
     # a full batch of unreadable files stops training with their names
     with pytest.raises(UnreadableImageError, match=r"zero.png.*text.png.*every image of this batch is unreadable"):
         run([good, good, bad[0], bad[1]])
@@ -517,3 +518,18 @@ def test_a_checkpoint_holding_code_is_refused_unrun(tmp_path):
     with pytest.raises(Exception, match="Weights only load failed"):
         check_checkpoint(str(tmp_path / "evil.pt"), net)
     assert not marker.exists()
+
+
+def test_a_second_inference_run_keeps_the_first_runs_outputs(tmp_path):
+    from medfusionnet.files import fresh_folder
+
+    base = tmp_path / "inference"
+    assert fresh_folder(str(base)) == str(base)  # nothing there yet
+    base.mkdir()
+    assert fresh_folder(str(base)) == str(base)  # an empty folder is reused
+    (base / "decisions.json").write_text("{}")
+    assert fresh_folder(str(base)) == f"{base}_2"
+    (tmp_path / "inference_2").mkdir()
+    (tmp_path / "inference_2" / "decisions.json").write_text("{}")
+    assert fresh_folder(str(base)) == f"{base}_3"
+    assert fresh_folder(str(base), overwrite=True) == str(base)

@@ -93,4 +93,4 @@ def test_six_mistakes_end_with_one_clear_line(tmp_path):
     notes.write_text("not a checkpoint")
     infer = ["--config_file", str(REPO / "configs" / "inference.yaml"), "--output_dir", str(run)]
     line = _last_stderr_line(tmp_path, *infer, "--ckpt_path", str(notes), "--input_dir", str(NIH / "images_256"))
-    assert line.startswith(f"ValueError: checkpoint {notes} cannot be read as a state dict")
+    assert line.startswith(f"ValueError: checkpoint {notes} cannot be read as a state dict: Weights only load failed")

@@ -113,6 +113,24 @@ def test_demo_train_evaluate_infer(tmp_path):
     )
     assert (out / "eval" / "roc.png").stat().st_size > 0
     assert len(_rows(out / "eval" / "predictions.csv")) == report["num_images"]
+    # the data's provenance: saved with the model, repeated by the reports and the decisions
+    data = json.loads((out / "run_settings.json").read_text())["data"]
+    assert (
+        data["synthetic"] is True
+        and data["split"] == "official"
+        and data["images"]["train"] == metrics["data"]["images"]["train"]
+    )
+    assert metrics["data"]["evaluated"] == "val" and report["data"]["evaluated"] == "test"
+    assert report["data"]["trained_on"] == data and report["num_images"] == data["images"]["test"]
+    infer = ["run", "--config_file", "configs/inference.yaml", "--output_dir", out, "--num_workers", 0]
+    images = tmp_path / "demo" / "images"
+    log = bundle(*infer, "--input_dir", images)
+    assert "trained on the SYNTHETIC demo set" in log
+    decisions = json.loads((out / "inference" / "decisions.json").read_text())
+    assert decisions["model_trained_on"] == data
+    # a second run keeps the first run's outputs and says where it writes
+    log = bundle(*infer, "--input_dir", images)
+    assert f"this run writes to {out / 'inference'}_2" in log and (out / "inference_2" / "decisions.json").is_file()
 
     # TorchScript export of the trained model matches eager mode
     bundle(

@@ -1,12 +1,16 @@
-"""Atomic file writes: a temporary file beside the target, flushed to disk, then renamed over it, so a crash or a
-full disk at any moment leaves the previous file whole and no partial file behind."""
+"""Writing outputs safely: atomic file writes (a temporary file beside the target, flushed to disk, then renamed over
+it, so a crash or a full disk at any moment leaves the previous file whole and no partial file behind), and a fresh
+folder for each run's outputs, so one run never replaces another's."""
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 from typing import IO, Callable
+
+logger = logging.getLogger(__name__)
 
 
 def _write_atomic(path, mode: str, write: Callable[[IO], None]) -> None:
@@ -59,3 +63,16 @@ def save_torch_atomic(obj, path) -> None:
     import torch
 
     _write_atomic(path, "wb", lambda f: torch.save(obj, f))
+
+
+def fresh_folder(path: str, overwrite: bool = False) -> str:
+    """``path`` when it does not exist, is empty or ``overwrite`` is true; else the first of ``path_2``,
+    ``path_3``, ... that does not exist, so an earlier run's outputs are kept. The choice is logged; nothing is
+    created."""
+    chosen, n = str(path), 1
+    while not overwrite and os.path.isdir(chosen) and os.listdir(chosen):
+        n += 1
+        chosen = f"{path}_{n}"
+    if chosen != str(path):
+        logger.info("%s holds an earlier run's outputs: this run writes to %s (overwrite=true replaces)", path, chosen)
+    return chosen

@@ -407,7 +407,9 @@ def _missing_input(dataset_dir: str, path: str, key: str, default: str, problem:
 
 @dataclass
 class PreparedData:
-    """Datalists of one run and the tabular encoder fitted on its training part."""
+    """Datalists of one run, the tabular encoder fitted on its training part, and where the data came from
+    (``provenance``: synthetic or not, the folders and CSVs, the split rule and the images per split), which
+    training saves with the model and the reports repeat."""
 
     train: list[dict]
     val: list[dict]
@@ -415,6 +417,7 @@ class PreparedData:
     encoder: TabularEncoder
     label_counts: list[int] = field(default_factory=list)
     synthetic: bool = False
+    provenance: dict = field(default_factory=dict)
 
 
 def prepare_datasets(
@@ -493,4 +496,13 @@ def prepare_datasets(
         encoder.save(os.path.join(output_dir, "tabular_encoder.json"))
         summary = {"num_train": len(lists["train"]), "positives": dict(zip(LABELS, counts))}
         write_json_atomic(os.path.join(output_dir, "label_counts.json"), summary)
-    return PreparedData(lists["train"], lists["val"], lists["test"], encoder, counts, synthetic)
+    provenance = {
+        "source": "synthetic demo set (not X-rays)" if synthetic else "dataset",
+        "synthetic": synthetic,
+        "dataset_dir": os.path.abspath(dataset_dir),
+        "labels_csv": [os.path.abspath(p) for p in csvs],
+        "images_dir": [os.path.abspath(f) for f in folders],
+        "split": split,
+        "images": {name: len(items) for name, items in lists.items()},
+    }
+    return PreparedData(lists["train"], lists["val"], lists["test"], encoder, counts, synthetic, provenance)

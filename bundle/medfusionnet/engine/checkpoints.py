@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 
@@ -20,14 +19,15 @@ def check_checkpoint(path: str, network) -> None:
         raise FileNotFoundError(f"checkpoint {path} not found; train first or pass --ckpt_path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # a pickled whole model (refused unrun) or a file that is not a checkpoint
-        raise ValueError(
-            f"checkpoint {path} cannot be read as a state dict: it is not a PyTorch weights file, or it holds Python "
-            "objects (a whole pickled model), which are not loaded; pass the model.pt that training writes"
-        ) from e
-    except Exception as e:  # a truncated download, a zip that is not a checkpoint
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"checkpoint {path} cannot be read as a state dict: {type(e).__name__}: {first_line}") from e
+    except Exception as e:  # a pickled whole model (refused unrun), a text file, a truncated download
+        if type(e).__name__ == "UnpicklingError":  # torch's weights-only refusal: many lines of advice, none apt here
+            reason = (
+                "Weights only load failed: it holds Python objects (e.g. a whole pickled model), which are never run, "
+                "or it is not a PyTorch file; pass the model.pt that training writes"
+            )
+        else:
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        raise ValueError(f"checkpoint {path} cannot be read as a state dict: {reason}") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

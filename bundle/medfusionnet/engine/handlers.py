@@ -35,12 +35,24 @@ class _MultiLabelHandler(IgniteMetricHandler):
         self.per_class = per_class
 
     def completed(self, engine: Engine, name: str) -> None:
-        """Store the mean under ``name`` and, if ``per_class``, each class under ``name/label``."""
+        """Store the mean under ``name`` and, if ``per_class``, each class under ``name/label``; with ``per_class``
+        the findings left out of the mean (undefined on this data) are named in the log."""
         super().completed(engine, name)
         if self.per_class:
+            undefined = []
             for label, value in zip(self.labels, self.metric_fn.per_class_):
                 if math.isfinite(value):
                     engine.state.metrics[f"{name}/{label}"] = float(value)
+                else:
+                    undefined.append(label)
+            if undefined:
+                logger.warning(
+                    "%s is the mean over %d of %d findings: %s left out (only one label value among these images)",
+                    name,
+                    len(self.labels) - len(undefined),
+                    len(self.labels),
+                    ", ".join(undefined),
+                )
 
 
 class MeanAUC(_MultiLabelHandler):
@@ -131,6 +143,8 @@ class MetricsReport(_OutputCollector):
         plot_roc: also draw the per-class ROC curves.
         save_predictions: also write the per-image probabilities.
         labels: finding names.
+        data: where the images came from (`nih.PreparedData.provenance`, with the split evaluated), written into
+            ``metrics.json`` as ``data``.
         calibration: a fitted `calibration.TemperatureScaling` whose effect on the expected calibration error is
             reported (evaluation); when thresholds are chosen on this data (validation), one is fitted here and
             written as ``calibration.json`` instead.
@@ -145,8 +159,10 @@ class MetricsReport(_OutputCollector):
         save_predictions: bool = False,
         labels: Sequence[str] = LABELS,
         calibration: TemperatureScaling | None = None,
+        data: dict | None = None,
     ):
         super().__init__(labels)
+        self.data = data
         self.output_dir = output_dir
         self.thresholds = thresholds
         self.best_only = best_only
@@ -163,6 +179,14 @@ class MetricsReport(_OutputCollector):
         y_prob = np.stack([r[1] for r in rows])
         y = np.stack([r[2] for r in rows])
         report, fitted = metrics_report(y_prob, y, self.labels, self.thresholds, self.calibration, engine.state.epoch)
+        if self.data is not None:
+            report["data"] = self.data
+        if self.thresholds is None and report["undefined_auc"]:
+            logger.warning(
+                "decision threshold of %s left at 0.5: the images these thresholds are chosen on hold only one label "
+                "value of it",
+                ", ".join(report["undefined_auc"]),
+            )
         names = [r[0] for r in rows] if self.save_predictions else None
         write_metrics_report(self.output_dir, report, fitted, names, y_prob, y, self.plot_roc)
         logger.info(
@@ -207,6 +231,8 @@ class DecisionWriter(_OutputCollector):
         calibration: a fitted `calibration.TemperatureScaling`, or None.
         rule: the `decision.RiskTierRule` (default: pneumothorax or two findings -> high).
         labels: finding names.
+        trained_on: the provenance of the model's training data (``run_settings.json``'s ``data``), written into
+            ``decisions.json``; a model trained on the synthetic demo set is named in a warning.
     """
 
     def __init__(
@@ -216,8 +242,15 @@ class DecisionWriter(_OutputCollector):
         calibration: TemperatureScaling | None = None,
         rule: RiskTierRule | None = None,
         labels: Sequence[str] = LABELS,
+        trained_on: dict | None = None,
     ):
         super().__init__(labels)
+        self.trained_on = dict(trained_on or {})
+        if self.trained_on.get("synthetic"):
+            logger.warning(
+                "this model was trained on the SYNTHETIC demo set, not on X-rays: its findings on real images mean "
+                "nothing (train with --dataset_dir for a real model)"
+            )
         self.output_dir = output_dir
         self.thresholds = list(thresholds) if thresholds is not None else [0.5] * len(labels)
         self.calibration = calibration
@@ -235,6 +268,7 @@ class DecisionWriter(_OutputCollector):
         document = decision_document(
             [r[0] for r in rows], probs, self.thresholds, self.rule, self.calibration, skipped, self.labels
         )
+        document["model_trained_on"] = self.trained_on
         path = write_decisions(self.output_dir, document, self.labels)
         logger.info(
             "wrote decisions for %d image(s) (%d unreadable) to %s", len(document["images"]), len(skipped), path
@@ -268,7 +302,8 @@ class UnreadableImageReport:
         skipped = expected - self.seen
         engine.state.skipped_images = skipped
         if skipped > 0:
-            logger.warning("%d of %d image(s) were unreadable and skipped this epoch", skipped, expected)
+            when = f"in epoch {engine.state.epoch}" if hasattr(engine, "optimizer") else "by this run"
+            logger.warning("%d of %d image(s) were unreadable and skipped %s", skipped, expected, when)
 
 
 class LossProgressBar:
@@ -316,4 +351,8 @@ class CurriculumHandler:
         self.sampler.set_power(power)
         self.sampler.set_epoch(engine.state.epoch)
         engine.state.curriculum_power = power
-        logger.info("epoch %d: sampling exponent %.3f (1 balanced, 0 natural)", engine.state.epoch, power)
+        logger.info(
+            "epoch %d: sampling balance %.2f (1 = rare findings oversampled, 0 = natural frequencies)",
+            engine.state.epoch,
+            power,
+        )

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.metrics import calibration_binning
+from scipy.special import expit
 
 from ..constants import LABELS
 from ..files import write_json_atomic
@@ -53,7 +54,7 @@ class TemperatureScaling:
     def transform(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities ``(N, C)`` from logits."""
         scaled = np.asarray(logits, dtype=np.float64) / np.asarray(self.temperatures_)
-        return 1.0 / (1.0 + np.exp(-scaled))
+        return expit(scaled)  # the logistic function without overflow for large negative logits
 
     def save(self, path: str) -> None:
         """Write ``{"temperatures": {finding: T}}`` as JSON."""

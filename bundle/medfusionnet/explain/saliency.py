@@ -93,7 +93,9 @@ def gradcam(
         # one image at a time: MONAI's Grad-CAM++ broadcasts the class score against the map's last axis
         for i in range(image.shape[0]):
             row = None if tabular is None else tabular[i : i + 1]
-            maps.append(cam(image[i : i + 1], class_idx=int(class_idx), tabular=row).detach())
+            # an input that requires grad, so the backward hooks of the first layers see a gradient too
+            one = image[i : i + 1].detach().clone().requires_grad_(True)
+            maps.append(cam(one, class_idx=int(class_idx), tabular=row).detach())
     return torch.cat(maps)
 
 

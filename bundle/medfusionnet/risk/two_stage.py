@@ -251,8 +251,8 @@ class RiskPreprocessor(TransformerMixin, BaseEstimator):
                 self.dropped_[column] = f"{missing:.0%} missing (> {self.max_missing_fraction:.0%})"
             elif observed.nunique() <= 1:
                 self.dropped_[column] = "constant"
-        for column, reason in self.dropped_.items():
-            logger.info("dropping column '%s': %s", column, reason)
+        for column, reason in self.dropped_.items():  # each cross-validation fold refits: callers summarise once
+            logger.debug("dropping column '%s': %s", column, reason)
         self.columns_ = [c for c in x.columns if c not in self.dropped_]
         self.medians_ = {c: float(x[c].median()) for c in self.columns_}
         self.indicators_ = {}
