@@ -202,7 +202,7 @@ def test_networks_and_ablations_selected_by_overrides(tmp_path, overrides):
     train_on_demo(tmp_path, out, 1, *overrides)
     args = json.loads((out / "run_settings.json").read_text())["network_args"]
     for flag, value in zip(overrides[::2], overrides[1::2]):
-        key = {"--network_name": "name", "--network_size": "size"}.get(flag, flag[2:])
+        key = {"--network_name": "name"}.get(flag, flag[2:])
         if key in ("grad_checkpointing", "channels_last", "aux_loss_weight", "gate_lr_scale", "fusion_lr_scale"):
             continue  # how to train, not what to build: not saved with the network
         saved = args[key] if key in args else args["medfusionnet"][key]  # MedFusionNet's switches: its own group
