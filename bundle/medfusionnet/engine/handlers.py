@@ -295,7 +295,7 @@ class UnreadableImageReport:
         self.seen += int(engine.state.batch[KEY_IMAGE].shape[0])
 
     def _report(self, engine: Engine) -> None:
-        loader = engine.data_loader
+        loader = engine.state.dataloader  # set by every Ignite run, as DecisionWriter reads it
         expected = len(loader.sampler) if hasattr(loader, "sampler") else len(loader.dataset)
         if getattr(loader, "drop_last", False):  # the incomplete last batch never reaches the engine
             expected -= expected % loader.batch_size
