@@ -189,9 +189,12 @@ class MetricsReport(_OutputCollector):
             )
         names = [r[0] for r in rows] if self.save_predictions else None
         write_metrics_report(self.output_dir, report, fitted, names, y_prob, y, self.plot_roc)
+        scored = f"{(self.data or {}).get('evaluated', 'evaluation')} split"
+        if self.best_only:
+            scored += f", best epoch so far ({report['epoch']})"
         logger.info(
-            "epoch %d: mean AUC %.4f over %d images (%s written to %s)",
-            report["epoch"],
+            "%s: mean AUC %.4f over %d images (%s written to %s)",
+            scored,
             report["mean"]["auc"],
             report["num_images"],
             "metrics.json",
@@ -273,6 +276,14 @@ class DecisionWriter(_OutputCollector):
         logger.info(
             "wrote decisions for %d image(s) (%d unreadable) to %s", len(document["images"]), len(skipped), path
         )
+
+
+class SinglePassLog:
+    """Drops the evaluator's "Got new best metric" line: one evaluation pass has no best epoch to report."""
+
+    def attach(self, engine: Engine) -> None:
+        """Filter ``engine``'s logger."""
+        engine.logger.addFilter(lambda record: not record.getMessage().startswith("Got new best metric"))
 
 
 class UnreadableImageReport:
