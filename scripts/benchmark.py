@@ -238,6 +238,7 @@ def main(argv=None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=2)
+        print(f"wrote {os.path.abspath(args.output)}")
     return 0
 
 

@@ -28,6 +28,7 @@ from sklearn.tree import plot_tree
 
 from medfusionnet.constants import LABELS  # noqa: E402
 from medfusionnet.data.nih import read_nih_csv  # noqa: E402
+from medfusionnet.files import outputs_line  # noqa: E402
 from medfusionnet.risk import two_stage  # noqa: E402
 
 SETTINGS = {False: "(a) risk factors only", True: "(b) with screening results"}
@@ -270,8 +271,7 @@ def main(argv=None) -> int:
         print(f"AUC {SETTINGS[with_screening]}")
         for outcome, model in summary[["outcome", "model"]].itertuples(index=False):
             print(f"  {outcome:<20} {model:<20} {fmt(summary, outcome, model, 'auc')}")
-    written = sorted(f for f in os.listdir(args.output_dir) if os.path.isfile(os.path.join(args.output_dir, f)))
-    print(f"outputs in {os.path.abspath(args.output_dir)}: {', '.join(written)}")
+    print(outputs_line(args.output_dir))
     return 0
 
 

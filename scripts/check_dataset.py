@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(summary, f, indent=2)
+        print(f"wrote {os.path.abspath(args.output)}")
     return 1 if summary["missing"] or summary["unreadable"] else 0
 
 

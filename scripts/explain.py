@@ -17,6 +17,7 @@ import sys
 
 from medfusionnet.explain.saliency import METHODS, NIH_BOX_FRAME
 from medfusionnet.explain.workflow import explain_images
+from medfusionnet.files import outputs_line
 
 
 def main(argv=None) -> int:
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
         print("Spearman correlation with maps of a re-initialised network (lower = more weight-dependent):")
         print(json.dumps(summary["randomisation_check"], indent=2))
     print(f"{summary['maps']} map(s), {summary['constant_maps']} constant, {len(summary['skipped'])} image(s) skipped")
+    print(outputs_line(args.explain_dir))
     return 0
 
 

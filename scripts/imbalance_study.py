@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from medfusionnet.files import outputs_line
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SETTINGS = {
@@ -172,6 +174,7 @@ def main(argv=None) -> int:
             f,
             indent=2,
         )
+    print(outputs_line(output_dir))
     return 0
 
 

@@ -26,6 +26,8 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from medfusionnet.files import outputs_line
+
 
 def resized_png(data: bytes | str, size: int) -> Image.Image:
     """An 8-bit grayscale image resized on its longest side to ``size`` (never enlarged)."""
@@ -162,6 +164,7 @@ def main(argv=None) -> int:
         print(f"could not convert {name}: {error}")
     if summary["missing"]:
         print(f"{summary['missing']} image(s) listed in {args.data_entry} were not found under {args.source}")
+    print(outputs_line(args.output_dir))
     return 1 if summary["errors"] else 0
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medfusionnet.files import outputs_line
+
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 BAD_KINDS_LISTED = ("empty", "truncated", "text")  # keep the .png name the CSV lists
 BAD_KINDS_EXTRA = ("empty", "truncated", "text", "volume", "dicom_without_pixels")
@@ -217,6 +219,7 @@ def main(argv=None) -> int:
         f"{failed or 'none'}; resident memory {results[1]['rss_mib']:.0f} -> {results[-1]['rss_mib']:.0f} MiB "
         f"(growth {growth:+.0f} MiB from cycle 1)"
     )
+    print(outputs_line(output_dir))
     return 1 if failed or growth > args.max_growth_mib else 0
 
 

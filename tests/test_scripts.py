@@ -242,6 +242,8 @@ def test_prepare_nih_from_a_folder_and_an_archive(nih_dir, tmp_path, capsys):
         str(nih_dir / "meta" / "test_list.txt"),
     ]
     assert prepare.main(argv) == 1  # the broken file is reported
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # where the outputs are, last
+    assert last == f"outputs in {out}: Data_Entry_2017.csv, images/, prepare_summary.json, test_list.txt"
     summary = json.loads((out / "prepare_summary.json").read_text())
     assert summary["present"] == 4 and summary["converted"] == 4 and list(summary["errors"]) == [broken]
     assert (out / "test_list.txt").is_file() and (out / "Data_Entry_2017.csv").is_file()
@@ -314,13 +316,14 @@ def test_compare_refuses_bad_arguments(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_ranks_models_and_resumes(tmp_path, monkeypatch):
+def test_compare_ranks_models_and_resumes(tmp_path, monkeypatch, capsys):
     compare = _script("compare")
     out = tmp_path / "compare"
     shared = ["--network_size", "tiny", "--max_epochs", "1", "--num_workers", "0", "--demo_dir", str(tmp_path / "d")]
     assert (
         compare.main(["--models", "medfusionnet", "cnn_only", "--seeds", "0", "--output_dir", str(out), *shared]) == 0
     )
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"outputs in {out}: ")
     stats = json.loads((out / "stats.json").read_text())
     assert "friedman" not in stats and len(stats["wilcoxon_holm"]) == 1  # two models: pairwise test only
     assert [d["model"] for d in stats["paired_mean_auc"]] == ["cnn_only"] and stats["best_vs_last"]["runs"] == 2

@@ -40,6 +40,11 @@ def write_text_atomic(path, text: str) -> None:
     _write_atomic(path, "w", lambda f: f.write(text))
 
 
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so that a failed write keeps the previous file."""
+    _write_atomic(path, "wb", lambda f: f.write(data))
+
+
 def to_json(obj) -> str:
     """``obj`` as JSON text in the Model Zoo's layout: 4-space indent and a final newline."""
     return json.dumps(obj, indent=4) + "\n"
@@ -76,3 +81,11 @@ def fresh_folder(path: str, overwrite: bool = False) -> str:
     if chosen != str(path):
         logger.info("%s holds an earlier run's outputs: this run writes to %s (overwrite=true replaces)", path, chosen)
     return chosen
+
+
+def outputs_line(folder) -> str:
+    """One line naming ``folder`` (absolute) and what it holds, sub-folders with a trailing ``/``: a script's
+    last word to the user on where its outputs are."""
+    folder = os.path.abspath(folder)
+    names = sorted(n + "/" if os.path.isdir(os.path.join(folder, n)) else n for n in os.listdir(folder))
+    return f"outputs in {folder}: {', '.join(names) if names else '(empty)'}"
