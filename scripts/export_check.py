@@ -1,14 +1,18 @@
-"""Check a TorchScript export (``ckpt_export``) against the eager model on real images: parity and speed.
+"""Check the TorchScript export (``ckpt_export``) and, where present, the ONNX export against the eager model on
+real images: parity and speed.
 
     python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \\
         --meta_file metadata.json --config_file configs/inference.yaml
+    python scripts/export_onnx.py --model_dir models   # optional: models/model.onnx
     python scripts/export_check.py --model_dir models --input_dir ../shared/data/nih/images_full \\
         --tabular_csv ../shared/data/nih/labels.csv [--batch_size 16] [--output export_check.json]
 
 Runs both models on the same preprocessed batches (the inference transforms and the run's tabular encoder), with
 and without the tabular input, and reports the largest absolute logit difference, the metadata and configs embedded
 in the ``.ts`` file, and the latency per batch and images/s of each model, measured interleaved in one process.
-Exits with 1 when the difference reaches ``--tolerance`` (1e-4) or the embedded metadata is missing.
+The ONNX file (``--model_onnx``, default ``<model_dir>/model.onnx`` when it exists) is run with onnxruntime on the
+same batches, with the tabular input. Exits with 1 when a difference reaches ``--tolerance`` (1e-4) or embedded
+metadata is missing.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", required=True, help="a training run's output_dir (model.pt, run_settings)")
     parser.add_argument("--model_ts", help="the exported file (default: <model_dir>/model.ts)")
+    parser.add_argument("--model_onnx", help="the ONNX export (default: <model_dir>/model.onnx when present)")
     parser.add_argument("--input_dir", required=True, help="folder of PNG/DICOM/NIfTI images")
     parser.add_argument("--tabular_csv")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -82,11 +87,20 @@ def main(argv=None) -> int:
             max_diff["with_tabular"] = max(max_diff["with_tabular"], diff)
             diff = (scripted(image) - eager(image)).abs().max().item()
             max_diff["without_tabular"] = max(max_diff["without_tabular"], diff)
-        times = {"eager": [], "torchscript": []}
-        for model in (eager, scripted):  # warm-up (TorchScript optimises on its first calls)
+        models = {"eager": eager, "torchscript": scripted}
+        onnx_path = args.model_onnx or os.path.join(args.model_dir, "model.onnx")
+        if args.model_onnx or os.path.isfile(onnx_path):
+            from medfusionnet.engine.export import OnnxModel
+
+            models["onnx"] = OnnxModel(onnx_path)
+            max_diff["onnx_with_tabular"] = max(
+                (models["onnx"](image, tabular) - eager(image, tabular)).abs().max().item() for image, tabular in data
+            )
+        times = {name: [] for name in models}
+        for model in models.values():  # warm-up (TorchScript optimises on its first calls)
             model(*data[0])
-        for _ in range(args.repeats):  # interleaved so that load changes hit both models alike
-            for name, model in (("eager", eager), ("torchscript", scripted)):
+        for _ in range(args.repeats):  # interleaved so that load changes hit every model alike
+            for name, model in models.items():
                 for image, tabular in data:
                     start = time.perf_counter()
                     model(image, tabular)
@@ -107,6 +121,7 @@ def main(argv=None) -> int:
         "max_abs_logit_difference": max_diff,
         "tolerance": args.tolerance,
         "embedded": {name: bool(text) for name, text in extra.items()},
+        "onnx_embedded": sorted(models["onnx"].embedded) if "onnx" in models else None,
         "metadata_version": metadata.get("version"),
         "speed": speed,
         "torchscript_speedup": (speed["eager"]["latency_ms_per_batch"] / speed["torchscript"]["latency_ms_per_batch"]),
@@ -117,7 +132,9 @@ def main(argv=None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)
-    ok = max(max_diff.values()) < args.tolerance and all(result["embedded"].values())
+        print(f"wrote {os.path.abspath(args.output)}")
+    onnx_ok = "onnx" not in models or {"metadata.json", "run_settings.json", "labels"} <= set(models["onnx"].embedded)
+    ok = max(max_diff.values()) < args.tolerance and all(result["embedded"].values()) and onnx_ok
     return 0 if ok else 1
 
 

@@ -95,7 +95,8 @@ def test_demo_train_evaluate_infer(tmp_path):
     assert "SYNTHETIC" in log and "Cannot find the metadata" not in log
     metrics = _check_training_outputs(out)
     assert metrics["mean"]["auc"] > 0.6  # the synthetic findings are learnable within two epochs
-    bundle(
+    assert "val_mean_auc" in log and "val split, best epoch so far (2): mean AUC" in log
+    log = bundle(
         "run",
         "--config_file",
         "['configs/train.yaml','configs/evaluate.yaml']",
@@ -107,6 +108,9 @@ def test_demo_train_evaluate_infer(tmp_path):
         0,
     )
     report = json.loads((out / "eval" / "metrics.json").read_text())
+    # one pass over the test split: named as such, with no "best" epoch and no validation metric names
+    assert f"test split: mean AUC {report['mean']['auc']:.4f} over {report['num_images']} images" in log
+    assert "val_mean" not in log and "best" not in log.lower()
     assert report["thresholds_chosen_on_this_data"] is False
     assert all(
         report["per_class"][k]["threshold"] == v for k, v in json.loads((out / "thresholds.json").read_text()).items()
@@ -159,6 +163,8 @@ def test_demo_train_evaluate_infer(tmp_path):
     # the parity script on real images
     nih = REPO.parent / "shared" / "data" / "nih"
     if (nih / "images_full").is_dir():
+        # the ONNX export (no TorchScript) is checked beside it with onnxruntime
+        assert _script("export_onnx").main(["--model_dir", str(out)]) == 0
         check = _script("export_check")
         assert (
             check.main(
@@ -184,6 +190,9 @@ def test_demo_train_evaluate_infer(tmp_path):
         result = json.loads((out / "export_check.json").read_text())
         assert result["images"] == 16 and result["embedded"] == {"metadata.json": True, "inference.json": True}
         assert max(result["max_abs_logit_difference"].values()) < 1e-4
+        assert set(result["max_abs_logit_difference"]) == {"with_tabular", "without_tabular", "onnx_with_tabular"}
+        assert result["onnx_embedded"] == ["labels", "metadata.json", "run_settings.json"]
+        assert result["speed"]["onnx"]["images_per_s"] > 0
 
 
 @pytest.mark.slow
