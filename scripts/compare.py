@@ -32,6 +32,7 @@ import torch
 
 import medfusionnet
 from medfusionnet.evaluation.comparison import friedman_test, nemenyi_pairs, wilcoxon_holm
+from medfusionnet.files import outputs_line
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("compare")
@@ -65,7 +66,11 @@ MODELS: dict[str, list[str]] = {
     "aux_fast_gate": ["--aux_loss_weight", "0.3", "--gate_lr_scale", "30"],
     "warmup": ["--warmup_epochs", "2"],
     "fusion_lr_x3": ["--fusion_lr_scale", "3.0"],
+    # the default recipe spelt out (class-weighted BCE, natural sampling), and the imbalance toolkit that was the
+    # default up to 0.6.0 (class-weighted focal loss, balanced sampling annealed to natural)
     "medfusionnet_plain": ["--loss_name", "bce", "--sampling", "natural", "--curriculum_epochs", "0"],
+    "medfusionnet_imbalance": ["--loss_name", "focal", "--sampling", "balanced"],
+    "densenet121_imbalance": ["--network_name", "densenet121", "--loss_name", "focal", "--sampling", "balanced"],
     "densenet121_plain": [
         "--network_name",
         "densenet121",
@@ -406,6 +411,7 @@ def main(argv=None) -> int:
     infos = [run_one(m, s, output_dir / "runs" / m / f"seed{s}", shared) for m in args.models for s in args.seeds]
     results, per_class, stats = summarize(infos, args.models, args.alpha)
     write_report(output_dir, results, per_class, stats, args.models)
+    print(outputs_line(output_dir))
     return 0
 
 
