@@ -31,6 +31,7 @@ from medfusionnet.constants import KEY_IMAGE, KEY_TABULAR
 from medfusionnet.data.nih import folder_records
 from medfusionnet.data.transforms import XrayDataset, xray_transforms
 from medfusionnet.data.unreadable import collate_skipping_unreadable
+from medfusionnet.engine.export import ONNX_EMBEDDED, OnnxModel
 from medfusionnet.explain.workflow import load_trained
 
 EMBEDDED = ("metadata.json", "inference.json")
@@ -90,8 +91,6 @@ def main(argv=None) -> int:
         models = {"eager": eager, "torchscript": scripted}
         onnx_path = args.model_onnx or os.path.join(args.model_dir, "model.onnx")
         if args.model_onnx or os.path.isfile(onnx_path):
-            from medfusionnet.engine.export import OnnxModel
-
             models["onnx"] = OnnxModel(onnx_path)
             max_diff["onnx_with_tabular"] = max(
                 (models["onnx"](image, tabular) - eager(image, tabular)).abs().max().item() for image, tabular in data
@@ -133,7 +132,7 @@ def main(argv=None) -> int:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {os.path.abspath(args.output)}")
-    onnx_ok = "onnx" not in models or {"metadata.json", "run_settings.json", "labels"} <= set(models["onnx"].embedded)
+    onnx_ok = "onnx" not in models or set(ONNX_EMBEDDED) <= set(models["onnx"].embedded)
     ok = max(max_diff.values()) < args.tolerance and all(result["embedded"].values()) and onnx_ok
     return 0 if ok else 1
 

@@ -23,6 +23,7 @@ from .run_settings import saved_setting
 
 ONNX_INPUTS = ("image", "tabular")
 ONNX_OPSET = 18
+ONNX_EMBEDDED = ("labels", "metadata.json", "run_settings.json")  # what export_run_onnx puts in the metadata
 _REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
 
 
