@@ -8,7 +8,7 @@ from ignite.engine import Engine
 from medfusionnet.constants import LABELS
 from medfusionnet.data.image_reader import read_xray
 from medfusionnet.data.unreadable import SkipUnreadable, UnreadableImageError, collate_skipping_unreadable, placeholder
-from medfusionnet.engine.handlers import DecisionWriter, MetricsReport
+from medfusionnet.engine.handlers import DecisionWriter, MeanAUC, MetricsReport
 from medfusionnet.evaluation.calibration import TemperatureScaling, calibration_error, probabilities_to_logits
 from medfusionnet.evaluation.decision import RiskTierRule, decision_document
 
@@ -159,3 +159,28 @@ def test_metrics_report_fits_and_reports_calibration(tmp_path):
     report = json.loads((tmp_path / "test" / "metrics.json").read_text())["calibration"]
     assert not report["fitted_on_this_data"] and set(report["per_class"]) == set(LABELS)
     assert not (tmp_path / "test" / "calibration.json").exists()
+
+
+def test_undefined_findings_warn_once_then_log_each_epoch(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    y = (rng.random((40, len(LABELS))) < 0.3).astype(np.float32)
+    y[:, LABELS.index("Hernia")] = 0  # no positive: AUC undefined, threshold falls back to 0.5
+    batch = [
+        {"name": f"{i}.png", "pred": torch.tensor(rng.random(len(LABELS))), "label": torch.tensor(t)}
+        for i, t in enumerate(y)
+    ]
+
+    def step(engine, _):
+        engine.state.batch = batch
+        return [{"pred": item["pred"], "label": item["label"]} for item in batch]
+
+    engine = Engine(step)
+    MeanAUC().attach(engine, "val_mean_auc")
+    MetricsReport(str(tmp_path / "val")).attach(engine)
+    with caplog.at_level("INFO", logger="medfusionnet.engine.handlers"):
+        engine.run([0], max_epochs=3)
+    mean_lines = [r for r in caplog.records if "mean over 13 of 14 findings: Hernia left out" in r.getMessage()]
+    fallback = [r for r in caplog.records if "threshold of Hernia left at 0.5" in r.getMessage()]
+    assert [r.levelname for r in mean_lines] == ["WARNING", "INFO", "INFO"]
+    assert [r.levelname for r in fallback] == ["WARNING", "INFO", "INFO"]
+    assert "val_mean_auc/Hernia" not in engine.state.metrics and "val_mean_auc/Mass" in engine.state.metrics

@@ -33,10 +33,12 @@ class _MultiLabelHandler(IgniteMetricHandler):
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=False)
         self.labels = list(labels)
         self.per_class = per_class
+        self._undefined_warned: list[str] | None = None
 
     def completed(self, engine: Engine, name: str) -> None:
         """Store the mean under ``name`` and, if ``per_class``, each class under ``name/label``; with ``per_class``
-        the findings left out of the mean (undefined on this data) are named in the log."""
+        the findings left out of the mean (undefined on this data) are named in the log: as a warning the first
+        time, and at INFO while the same findings stay undefined epoch after epoch (a fixed split)."""
         super().completed(engine, name)
         if self.per_class:
             undefined = []
@@ -46,7 +48,10 @@ class _MultiLabelHandler(IgniteMetricHandler):
                 else:
                     undefined.append(label)
             if undefined:
-                logger.warning(
+                repeated = undefined == self._undefined_warned
+                self._undefined_warned = undefined
+                logger.log(
+                    logging.INFO if repeated else logging.WARNING,
                     "%s is the mean over %d of %d findings: %s left out (only one label value among these images)",
                     name,
                     len(self.labels) - len(undefined),
@@ -169,6 +174,7 @@ class MetricsReport(_OutputCollector):
         self.plot_roc = plot_roc
         self.save_predictions = save_predictions
         self.calibration = calibration
+        self._fallback_warned: list[str] | None = None  # warned once; later epochs with the same findings at INFO
 
     def write(self, engine: Engine, rows: list) -> None:
         """Summarise the rows and write the report files (`reports.metrics_report`, `reports.write_metrics_report`)."""
@@ -182,7 +188,10 @@ class MetricsReport(_OutputCollector):
         if self.data is not None:
             report["data"] = self.data
         if self.thresholds is None and report["undefined_auc"]:
-            logger.warning(
+            repeated = report["undefined_auc"] == self._fallback_warned
+            self._fallback_warned = report["undefined_auc"]
+            logger.log(
+                logging.INFO if repeated else logging.WARNING,
                 "decision threshold of %s left at 0.5: the images these thresholds are chosen on hold only one label "
                 "value of it",
                 ", ".join(report["undefined_auc"]),
