@@ -56,7 +56,12 @@ def _render(labels: np.ndarray, layout: np.ndarray, size: int, rng: np.random.Ge
     return np.clip(image, 0, 1)
 
 
-def make_demo_dataset(root: str, num_patients: int = 160, image_size: int = 96, seed: int = 0) -> str:
+# The default generator seed is one whose set, split patient-wise with training seeds 0-2, has positives of every
+# finding in each split, so the demo run scores all 14 (a few hundred images hold only a handful of the rarest)
+DEMO_SEED = 5
+
+
+def make_demo_dataset(root: str, num_patients: int = 160, image_size: int = 96, seed: int = DEMO_SEED) -> str:
     """Write the demo set (``images/*.png`` and ``Data_Entry_2017.csv``) into ``root`` unless it is already there.
 
     Deterministic for given arguments; generation goes to a temporary folder that is renamed into place, so
