@@ -6,10 +6,13 @@
 Cross-validates both stage-2 kinds (``two_stage_tree``, the paper's readable tree, and ``two_stage_forest``) against
 reference models, then fits the ``--stage2`` kind (default: forest) on all rows. Writes to ``--output_dir``:
 ``model.json`` (loadable without pickle), ``patients.csv`` (risk level and probability per outcome per row),
-``report.md`` (selected thresholds, the readable tree's rules, cross-validated metrics, positive rate per risk level
-out of fold and on the training data), ``tree_<outcome>.png`` (the readable stage-2 tree), ``roc_curves.png`` and,
-with ``--export_tabular``, ``tabular_features.csv``. ``--with_screening`` evaluates both settings, (a) risk factors
-only and (b) with the other outcomes as features, and saves the model of setting (b). ``--config`` is a YAML file
+``report.md`` (selected thresholds, the readable tree's rules, cross-validated metrics, the models' rank comparison,
+positive rate per risk level out of fold and on the training data), ``cv_results.csv`` (every fold's figures),
+``rank_stats.json`` (per setting: Friedman test, Nemenyi critical difference and Wilcoxon-Holm pairs over the blocks
+outcome x repeat x fold of the cross-validated AUC), ``ranks_<setting>.png`` (mean ranks), ``tree_<outcome>.png``
+(the readable stage-2 tree), ``roc_curves.png`` and, with ``--export_tabular``, ``tabular_features.csv``.
+``--with_screening`` evaluates both settings, (a) risk factors only and (b) with the other outcomes as features, and
+saves the model of setting (b). ``--config`` is a YAML file
 with optional ``bins:`` (see medfusionnet/risk/risk_bins.yaml) and ``params:`` (TwoStageRiskModel arguments for the
 ``--stage2`` kind).
 """
@@ -28,10 +31,14 @@ from sklearn.tree import plot_tree
 
 from medfusionnet.constants import LABELS  # noqa: E402
 from medfusionnet.data.nih import read_nih_csv  # noqa: E402
+from medfusionnet.evaluation.comparison import plot_mean_ranks, rank_lines, rank_statistics  # noqa: E402
 from medfusionnet.files import outputs_line  # noqa: E402
+from medfusionnet.files import write_json_atomic  # noqa: E402
 from medfusionnet.risk import two_stage  # noqa: E402
 
 SETTINGS = {False: "(a) risk factors only", True: "(b) with screening results"}
+SETTING_KEYS = {False: "a", True: "b"}  # short names in cv_results.csv, rank_stats.json and file names
+RANK_BLOCKS = "outcome x repeat x fold, cross-validated AUC"
 
 
 def load_data(csv, nih=False, outcomes=None, features=None):
@@ -69,7 +76,25 @@ def level_lines(title: str, table: pd.DataFrame) -> list[str]:
     ]
 
 
-def write_report(path, args, models, trees, results, level_tables, bins, n_rows, grouped=False):
+def cv_table(results: dict) -> pd.DataFrame:
+    """Every fold's figures of every setting: ``setting, outcome, model, repeat, fold`` and `two_stage.CV_METRICS`."""
+    return pd.concat(
+        [r["scores"].assign(setting=SETTING_KEYS[with_screening]) for with_screening, r in results.items()],
+        ignore_index=True,
+    )[["setting", "outcome", "model", "repeat", "fold", *two_stage.CV_METRICS]]
+
+
+def compare_models(cv: pd.DataFrame) -> dict:
+    """Per setting, `rank_statistics` of the models over the blocks outcome x repeat x fold (AUC)."""
+    out = {}
+    for setting, part in cv.groupby("setting", sort=True):
+        table = part.pivot_table(index=["outcome", "repeat", "fold"], columns="model", values="auc", dropna=False)
+        models = list(dict.fromkeys(part["model"]))  # the order they were run in
+        out[setting] = {"blocks": RANK_BLOCKS, **rank_statistics(table[models].to_numpy(dtype=float), models)}
+    return out
+
+
+def write_report(path, args, models, trees, results, level_tables, bins, n_rows, grouped=False, ranking=None):
     """report.md: data, thresholds and the readable tree's rules, CV metrics per setting, positive rate per level."""
     saved = f"two_stage_{args.stage2}"
     lines = [
@@ -132,6 +157,16 @@ def write_report(path, args, models, trees, results, level_tables, bins, n_rows,
             cells = " | ".join(fmt(summary, outcome, model, m) for m in two_stage.CV_METRICS)
             lines.append(f"| {outcome} | {model} | {cells} |")
         lines.append("")
+        stats = (ranking or {}).get(SETTING_KEYS[with_screening], {})
+        if "friedman" in stats:
+            mean_ranks = stats["friedman"]["mean_ranks"]
+            lines += [
+                "Mean rank (1 = best): "
+                + ", ".join(f"{m} {r:.2f}" for m, r in sorted(mean_ranks.items(), key=lambda i: i[1])),
+                "",
+            ]
+        if stats:
+            lines += [*rank_lines(stats, stats["blocks"]), ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -240,6 +275,14 @@ def main(argv=None) -> int:
         patients[f"{outcome}_probability"] = models[outcome].predict_proba(features)[:, 1]
     two_stage.save_models(os.path.join(args.output_dir, "model.json"), models, args.with_screening, bins)
     patients.to_csv(os.path.join(args.output_dir, "patients.csv"), index=False)
+    cv = cv_table(results)
+    cv.to_csv(os.path.join(args.output_dir, "cv_results.csv"), index=False)
+    ranking = compare_models(cv)
+    write_json_atomic(os.path.join(args.output_dir, "rank_stats.json"), ranking)
+    for setting, stats in ranking.items():
+        if "friedman" in stats:
+            title = next(v for k, v in SETTINGS.items() if SETTING_KEYS[k] == setting)
+            plot_mean_ranks(stats, os.path.join(args.output_dir, f"ranks_{setting}.png"), title)
     write_report(
         os.path.join(args.output_dir, "report.md"),
         args,
@@ -250,6 +293,7 @@ def main(argv=None) -> int:
         bins,
         len(x),
         grouped=groups is not None,
+        ranking=ranking,
     )
     plot_trees(trees, args.output_dir)
     plot_roc(results, args.output_dir)

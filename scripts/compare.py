@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 import medfusionnet
-from medfusionnet.evaluation.comparison import friedman_test, nemenyi_pairs, wilcoxon_holm
+from medfusionnet.evaluation.comparison import plot_mean_ranks, rank_lines, rank_statistics
 from medfusionnet.files import outputs_line
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +85,7 @@ MODELS: dict[str, list[str]] = {
 # ensembles: their members' runs (same seed) are trained first, then combined and evaluated
 ENSEMBLES: dict[str, tuple[str, ...]] = {"ensemble": ("densenet121", "efficientnet_b0", "inception_v3")}
 METRICS = ("auc", "f1", "gmean", "accuracy")
+BLOCKS = "seeds x findings (test AUC per finding)"
 
 
 def _bundle(args: list[str], log_path: Path) -> None:
@@ -208,15 +209,8 @@ def summarize(infos: list[dict], models: list[str], alpha: float = 0.05) -> tupl
     labels = [c for c in per_class.columns if c not in ("model", "seed")]
     long = per_class.melt(id_vars=["model", "seed"], value_vars=labels, var_name="finding", value_name="auc")
     table = long.pivot_table(index=["seed", "finding"], columns="model", values="auc", dropna=False)[models]
-    stats = {"blocks": "seeds x findings (test AUC per finding)"}
-    if len(models) >= 3:
-        friedman = friedman_test(table.to_numpy(dtype=float), models)
-        stats["friedman"] = friedman
-        stats["nemenyi"] = nemenyi_pairs(friedman["mean_ranks"], friedman["blocks"], alpha)
-    else:
-        logger.warning("the Friedman test needs 3 or more models; ranks only")
+    stats = {"blocks": BLOCKS, **rank_statistics(table.to_numpy(dtype=float), models, alpha)}
     if len(models) >= 2:
-        stats["wilcoxon_holm"] = wilcoxon_holm(table.to_numpy(dtype=float), models, alpha)
         stats["paired_mean_auc"] = paired_by_seed(results, models)
     if "auc_last" in results:
         stats["best_vs_last"] = best_against_last(results)
@@ -292,37 +286,8 @@ def write_report(
             f"| {m} | {seeds[m]} | {' | '.join(cells)} | {mean.loc[m, 'train_seconds']:.0f} | "
             f"{mean.loc[m, 'params_m']:.2f} | {rank} |"
         )
-    if "friedman" in stats:
-        f, n = stats["friedman"], stats["nemenyi"]
-        lines += [
-            "",
-            f"Friedman test over {f['blocks']} blocks ({stats['blocks']}): chi2 = {f['statistic']:.3f}, "
-            f"p = {f['p_value']:.3g}. Nemenyi critical difference of mean ranks at alpha "
-            f"{n['alpha']}: {n['critical_difference']:.3f}.",
-            "",
-            "| pair | rank difference | Nemenyi | Wilcoxon p (Holm) |",
-            "|---|---|---|---|",
-        ]
-        wilcoxon = {(p["a"], p["b"]): p for p in stats["wilcoxon_holm"]}
-        for p in n["pairs"]:
-            w = wilcoxon[p["a"], p["b"]]
-            lines.append(
-                f"| {p['a']} vs {p['b']} | {p['rank_difference']:.3f} | "
-                f"{'differ' if p['significant'] else 'n.s.'} | {w['p_holm']:.3g}"
-                f"{' *' if w['significant'] else ''} |"
-            )
-    elif "wilcoxon_holm" in stats:
-        lines += [
-            "",
-            f"Wilcoxon signed-rank test over {stats['blocks']}:",
-            "",
-            "| pair | Wilcoxon p (Holm) |",
-            "|---|---|",
-        ]
-        lines += [
-            f"| {w['a']} vs {w['b']} | {w['p_holm']:.3g}{' *' if w['significant'] else ''} |"
-            for w in stats["wilcoxon_holm"]
-        ]
+    if "wilcoxon_holm" in stats:
+        lines += ["", *rank_lines(stats, stats["blocks"])]
     if stats.get("paired_mean_auc"):
         lines += [
             "",
@@ -352,16 +317,7 @@ def write_report(
     print("\n".join(lines))
 
     if ranks:
-        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(models)))
-        order = sorted(models, key=ranks.get)
-        cd = stats["nemenyi"]["critical_difference"]
-        ax.errorbar([ranks[m] for m in order], range(len(order)), xerr=cd / 2, fmt="o", capsize=4)
-        ax.set_yticks(range(len(order)), order)
-        ax.invert_yaxis()
-        ax.set_xlabel(f"mean rank (1 = best); bars span the Nemenyi CD = {cd:.2f}")
-        fig.tight_layout()
-        fig.savefig(output_dir / "ranks.png", dpi=120)
-        plt.close(fig)
+        plot_mean_ranks(stats, str(output_dir / "ranks.png"))
     labels = [c for c in per_class.columns if c not in ("model", "seed")]
     means = per_class.groupby("model")[labels].mean().reindex(models)
     fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.7), 4))

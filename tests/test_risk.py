@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import DATA, NIH, REPO, require
+from scipy import stats as scipy_stats
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import roc_auc_score
@@ -311,6 +312,18 @@ def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
         patients["Biopsy_probability"],
     )
     assert "AUC (b)" in capsys.readouterr().out
+    cv = pd.read_csv(out / "cv_results.csv")
+    assert list(cv.columns[:8]) == ["setting", "outcome", "model", "repeat", "fold", "auc", "f1", "gmean"]
+    assert len(cv) == 2 * 2 * 6 * 5 and set(cv["setting"]) == {"a", "b"}  # settings x outcomes x models x folds
+    ranking = json.loads((out / "rank_stats.json").read_text())
+    for setting in ("a", "b"):
+        part = cv[cv["setting"] == setting]
+        table = part.pivot_table(index=["outcome", "repeat", "fold"], columns="model", values="auc")
+        friedman = ranking[setting]["friedman"]
+        expected = scipy_stats.friedmanchisquare(*(table[m] for m in friedman["models"]))
+        assert friedman["blocks"] == 10 and friedman["statistic"] == pytest.approx(expected.statistic)
+        assert len(ranking[setting]["wilcoxon_holm"]) == 15 and (out / f"ranks_{setting}.png").stat().st_size > 0
+    assert "Friedman test over 10 blocks (outcome x repeat x fold, cross-validated AUC): chi2 = " in report
 
 
 def test_script_runs_on_nih_metadata(tmp_path):

@@ -113,3 +113,71 @@ def wilcoxon_holm(scores: np.ndarray, names: Sequence[str], alpha: float = 0.05)
         }
         for (i, j), p, q in zip(pairs, raw, adjusted)
     ]
+
+
+def rank_statistics(scores: np.ndarray, names: Sequence[str], alpha: float = 0.05) -> dict:
+    """The comparison of ``names`` over the blocks of ``scores``: ``friedman`` and ``nemenyi`` with 3 or more models,
+    ``wilcoxon_holm`` with 2 or more (a test that needs more models is left out, with a log line)."""
+    scores = np.asarray(scores, dtype=float)
+    stats_: dict = {}
+    if len(names) >= 3:
+        stats_["friedman"] = friedman_test(scores, names)
+        stats_["nemenyi"] = nemenyi_pairs(stats_["friedman"]["mean_ranks"], stats_["friedman"]["blocks"], alpha)
+    else:
+        logger.warning("the Friedman test needs 3 or more models; pairwise tests only")
+    if len(names) >= 2:
+        stats_["wilcoxon_holm"] = wilcoxon_holm(scores, names, alpha)
+    return stats_
+
+
+def rank_lines(stats_: dict, blocks: str) -> list[str]:
+    """Markdown lines for `rank_statistics`: the Friedman result and, per pair, the Nemenyi verdict and the
+    Holm-adjusted Wilcoxon p (``*`` where it is below alpha); ``blocks`` says what a block is."""
+    lines: list[str] = []
+    if "friedman" in stats_:
+        f, n = stats_["friedman"], stats_["nemenyi"]
+        lines += [
+            f"Friedman test over {f['blocks']} blocks ({blocks}): chi2 = {f['statistic']:.3f}, "
+            f"p = {f['p_value']:.3g}. Nemenyi critical difference of mean ranks at alpha "
+            f"{n['alpha']}: {n['critical_difference']:.3f}.",
+            "",
+            "| pair | rank difference | Nemenyi | Wilcoxon p (Holm) |",
+            "|---|---|---|---|",
+        ]
+        wilcoxon = {(p["a"], p["b"]): p for p in stats_["wilcoxon_holm"]}
+        for p in n["pairs"]:
+            w = wilcoxon[p["a"], p["b"]]
+            lines.append(
+                f"| {p['a']} vs {p['b']} | {p['rank_difference']:.3f} | "
+                f"{'differ' if p['significant'] else 'n.s.'} | {w['p_holm']:.3g}"
+                f"{' *' if w['significant'] else ''} |"
+            )
+    elif "wilcoxon_holm" in stats_:
+        lines += [f"Wilcoxon signed-rank test over {blocks}:", "", "| pair | Wilcoxon p (Holm) |", "|---|---|"]
+        lines += [
+            f"| {w['a']} vs {w['b']} | {w['p_holm']:.3g}{' *' if w['significant'] else ''} |"
+            for w in stats_["wilcoxon_holm"]
+        ]
+    return lines
+
+
+def plot_mean_ranks(stats_: dict, path: str, title: str | None = None) -> None:
+    """A PNG of each model's mean rank (best first) with bars spanning the Nemenyi critical difference."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    ranks_ = stats_["friedman"]["mean_ranks"]
+    cd = stats_["nemenyi"]["critical_difference"]
+    order = sorted(ranks_, key=ranks_.get)
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(order)))
+    ax.errorbar([ranks_[m] for m in order], range(len(order)), xerr=cd / 2, fmt="o", capsize=4)
+    ax.set_yticks(range(len(order)), order)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"mean rank (1 = best); bars span the Nemenyi CD = {cd:.2f}")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
