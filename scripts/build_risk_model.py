@@ -14,7 +14,9 @@ outcome x repeat x fold of the cross-validated AUC), ``ranks_<setting>.png`` (me
 ``--with_screening`` evaluates both settings, (a) risk factors only and (b) with the other outcomes as features, and
 saves the model of setting (b). ``--config`` is a YAML file
 with optional ``bins:`` (see medfusionnet/risk/risk_bins.yaml) and ``params:`` (TwoStageRiskModel arguments for the
-``--stage2`` kind).
+``--stage2`` kind). ``--factor_levels`` adds the paper's rule-based levels (medfusionnet.risk.factor_levels: low with
+no risk factor, medium with one, high with several or a severe finding; conditions from the config's
+``factor_levels:`` key or the package default) to ``patients.csv`` and their positive rates to ``report.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from medfusionnet.evaluation.comparison import plot_mean_ranks, rank_lines, rank
 from medfusionnet.files import outputs_line  # noqa: E402
 from medfusionnet.files import write_json_atomic  # noqa: E402
 from medfusionnet.risk import two_stage  # noqa: E402
+from medfusionnet.risk.factor_levels import FactorRiskRule  # noqa: E402
 
 SETTINGS = {False: "(a) risk factors only", True: "(b) with screening results"}
 SETTING_KEYS = {False: "a", True: "b"}  # short names in cv_results.csv, rank_stats.json and file names
@@ -94,7 +97,9 @@ def compare_models(cv: pd.DataFrame) -> dict:
     return out
 
 
-def write_report(path, args, models, trees, results, level_tables, bins, n_rows, grouped=False, ranking=None):
+def write_report(
+    path, args, models, trees, results, level_tables, bins, n_rows, grouped=False, ranking=None, factors=None
+):
     """report.md: data, thresholds and the readable tree's rules, CV metrics per setting, positive rate per level."""
     saved = f"two_stage_{args.stage2}"
     lines = [
@@ -144,6 +149,8 @@ def write_report(path, args, models, trees, results, level_tables, bins, n_rows,
                 result["levels"][outcome][saved],
             )
         lines += level_lines(f"Positive rate per risk level of `{saved}` on its training data:", level_tables[outcome])
+        if factors is not None:
+            lines += level_lines("Positive rate per rule-based risk level (`--factor_levels`):", factors[outcome])
         lines.append("")
     for with_screening, result in results.items():
         summary = two_stage.summarize_scores(result["scores"])
@@ -232,7 +239,7 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", required=True)
     parser.add_argument("--outcomes", nargs="+", help="default: the cervical outcomes, or the 14 findings with --nih")
     parser.add_argument("--features", nargs="+", help="default: every other column")
-    parser.add_argument("--config", help="YAML with optional 'bins:' and 'params:'")
+    parser.add_argument("--config", help="YAML with optional 'bins:', 'params:' and 'factor_levels:'")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -240,6 +247,9 @@ def main(argv=None) -> int:
     parser.add_argument("--with_screening", action="store_true", help="also evaluate and save setting (b)")
     parser.add_argument("--export_tabular", action="store_true", help="write tabular_features.csv")
     parser.add_argument("--stage2", choices=two_stage.STAGE2_KINDS, default="forest", help="kind of the saved model")
+    parser.add_argument(
+        "--factor_levels", action="store_true", help="also the paper's rule-based levels (risk-factor counts)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     config = {}
@@ -251,6 +261,14 @@ def main(argv=None) -> int:
     kinds[args.stage2].update(config.get("params") or {})
     outcomes = args.outcomes or (list(LABELS) if args.nih else None)
     x, y_table, ids, groups = load_data(args.csv, args.nih, outcomes, args.features)
+    rule = levels = None
+    if args.factor_levels:  # checked before the cross-validation, so a bad rule or a missing column fails at once
+        rule = (
+            FactorRiskRule.from_mapping(config["factor_levels"], f"{args.config}: factor_levels")
+            if "factor_levels" in config
+            else FactorRiskRule.load()
+        )
+        levels = rule.evaluate(x, args.csv)
     os.makedirs(args.output_dir, exist_ok=True)
 
     candidates = {f"two_stage_{kind}": two_stage.TwoStageRiskModel(**params) for kind, params in kinds.items()}
@@ -273,6 +291,13 @@ def main(argv=None) -> int:
         level_tables[outcome] = two_stage.level_rates(models[outcome], features, y_table[outcome])
         patients[f"{outcome}_level"] = models[outcome].predict_risk(features)
         patients[f"{outcome}_probability"] = models[outcome].predict_proba(features)[:, 1]
+    factor_rates = None
+    if rule is not None:
+        patients["factor_level"] = levels["level"].to_numpy()
+        patients["factor_rules"] = levels["fired"].to_numpy()
+        patients["factor_unknown"] = levels["unknown"].to_numpy()
+        factor_rates = {o: two_stage.rates_by_level(levels["level"], y_table[o]) for o in y_table.columns}
+        print(f"rule-based risk levels: {rule.describe()}")
     two_stage.save_models(os.path.join(args.output_dir, "model.json"), models, args.with_screening, bins)
     patients.to_csv(os.path.join(args.output_dir, "patients.csv"), index=False)
     cv = cv_table(results)
@@ -294,6 +319,7 @@ def main(argv=None) -> int:
         len(x),
         grouped=groups is not None,
         ranking=ranking,
+        factors=factor_rates,
     )
     plot_trees(trees, args.output_dir)
     plot_roc(results, args.output_dir)

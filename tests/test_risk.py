@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from medfusionnet.constants import LABELS
 from medfusionnet.data.nih import read_nih_csv
 from medfusionnet.risk import two_stage
+from medfusionnet.risk.factor_levels import FactorRiskRule
 
 CERVICAL = DATA / "cervical" / "risk_factors_cervical_cancer.csv"
 
@@ -284,6 +285,7 @@ def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
                 "Schiller",
                 "--with_screening",
                 "--export_tabular",
+                "--factor_levels",
             ]
         )
         == 0
@@ -300,10 +302,12 @@ def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
     } <= names
     patients = pd.read_csv(out / "patients.csv")
     assert len(patients) == 858 and set(patients["Biopsy_level"]) <= set(two_stage.RISK_LEVELS)
+    assert set(patients["factor_level"]) == set(two_stage.RISK_LEVELS)
     report = (out / "report.md").read_text()
     assert "(a) risk factors only" in report and "(b) with screening results" in report
     assert "random_forest" in report and "gradient_boosting" in report and "| Biopsy | two_stage_tree |" in report
     assert "Positive rate per risk level of `two_stage_forest`, out of fold (first CV repeat), (a)" in report
+    assert "Positive rate per rule-based risk level (`--factor_levels`):" in report
     assert two_stage.load_models(out / "model.json")["Biopsy"].stage2 == "forest"
     loaded = two_stage.load_models(out / "model.json")
     x, y_table = two_stage.read_risk_csv(CERVICAL, ["Biopsy", "Schiller"])
@@ -349,3 +353,47 @@ def test_script_runs_on_nih_metadata(tmp_path):
     model = json.loads((out / "model.json").read_text())
     assert set(model["outcomes"]) == {"Infiltration", "Effusion"}
     assert len(pd.read_csv(out / "patients.csv")) == 469
+
+
+def test_factor_rule_levels_by_hand():
+    rule = FactorRiskRule(
+        {"smoking": {"column": "Smokes", "op": ">=", "value": 1}, "hpv": {"column": "Dx:HPV", "op": "==", "value": 1}},
+        {"prior_cancer": {"column": "Dx:Cancer", "op": ">=", "value": 1}},
+    )
+    frame = pd.DataFrame(
+        {
+            "Smokes": [0, 1, 1, 0, np.nan],
+            "Dx:HPV": [0, 0, 1, 0, 0],
+            "Dx:Cancer": [0, 0, 0, 1, 0],
+        }
+    )
+    out = rule.evaluate(frame)
+    assert out["level"].tolist() == ["low", "medium", "high", "high", "low"]
+    assert out["fired"].tolist() == ["", "smoking", "smoking;hpv", "prior_cancer", ""]
+    assert out["unknown"].tolist() == ["", "", "", "", "smoking"]
+    assert FactorRiskRule.from_mapping(rule.to_dict(), "saved").evaluate(frame).equals(out)
+    with pytest.raises(ValueError, match=r"reads column\(s\) \['Dx:Cancer'\]"):
+        rule.evaluate(frame.drop(columns="Dx:Cancer"), "t.csv")
+
+
+def test_factor_rule_errors_name_the_entry():
+    with pytest.raises(ValueError, match=r"cfg: factors.smoking: op '=>' is not one of"):
+        FactorRiskRule({"smoking": {"column": "Smokes", "op": "=>", "value": 1}}, where="cfg")
+    with pytest.raises(ValueError, match=r"cfg: severe.cancer: value 'yes' is not a number"):
+        FactorRiskRule({}, {"cancer": {"column": "Dx:Cancer", "op": ">=", "value": "yes"}}, where="cfg")
+    with pytest.raises(ValueError, match=r"cfg: factors.hpv needs exactly the keys column, op and value"):
+        FactorRiskRule({"hpv": {"column": "Dx:HPV", "op": ">="}}, where="cfg")
+    with pytest.raises(ValueError, match=r"\['a'\] named under both"):
+        FactorRiskRule({"a": {"column": "x", "op": ">", "value": 0}}, {"a": {"column": "y", "op": ">", "value": 0}})
+    with pytest.raises(ValueError, match=r"cfg: unknown key\(s\) \['factor'\]"):
+        FactorRiskRule.from_mapping({"factor": {}}, "cfg")
+
+
+def test_default_factor_rule_on_cervical():
+    rule = FactorRiskRule.load()
+    x, _ = two_stage.read_risk_csv(require(CERVICAL), ["Biopsy"])
+    out = rule.evaluate(x)
+    assert set(rule.columns) <= set(x.columns) and set(out["level"]) == set(two_stage.RISK_LEVELS)
+    assert (out.loc[x["Dx:Cancer"] == 1, "level"] == "high").all()  # a prior cancer diagnosis is high on its own
+    smokers_only = (x["Smokes"] == 1) & out["fired"].eq("smoking")
+    assert smokers_only.any() and (out.loc[smokers_only, "level"] == "medium").all()
