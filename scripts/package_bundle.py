@@ -1,12 +1,14 @@
 """Package a trained run as a MONAI Model Zoo bundle: a standard-layout folder and its zip.
 
-    python scripts/package_bundle.py --model_dir models --output_dir dist [--weights_url https://...]
+    python scripts/package_bundle.py --model_dir models --output_dir dist [--weights_url https://...] \
+        [--risk_model runs/risk/model.json]
 
 Layout of ``<output_dir>/<name>`` (zipped to ``<output_dir>/<name>.zip``)::
 
     configs/   metadata.json (a real file), inference.yaml, train.yaml, evaluate.yaml, explain.yaml,
                multi_gpu_train.yaml, logging.conf
-    models/    model.pt and the run files inference reads (run_settings, tabular_encoder, thresholds, calibration)
+    models/    model.pt and the run files inference reads (run_settings, tabular_encoder, thresholds, calibration);
+               with --risk_model, risk_model.json (the two-stage risk model of scripts/build_risk_model.py)
     docs/      README.md (the bundle card), architecture.md, reliability.md, data_license.txt, images/
     medfusionnet/  the bundle's code, importable because MONAI's commands run from the bundle root
     demo_data/ a few synthetic X-rays (not real images), inference.yaml's default input
@@ -30,6 +32,7 @@ import sys
 import yaml
 
 from medfusionnet.data.demo import make_demo_dataset
+from medfusionnet.risk.two_stage import load_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_PATIENTS = 4  # synthetic demo patients shipped in demo_data/
@@ -55,6 +58,7 @@ RUN_FILES = (
     "metrics.json",
 )
 REQUIRED_RUN_FILES = ("model.pt", "run_settings.json", "tabular_encoder.json")
+RISK_MODEL_FILE = "risk_model.json"  # in models/, beside the network
 
 
 def sha256(path: str) -> str:
@@ -66,15 +70,21 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def package(model_dir: str, output_dir: str, name: str = NAME, weights_url: str = "") -> str:
-    """Write the bundle folder and zip; returns the zip's path.
+def package(model_dir: str, output_dir: str, name: str = NAME, weights_url: str = "", risk_model: str = "") -> str:
+    """Write the bundle folder and zip; returns the zip's path. ``risk_model``: a two-stage risk model JSON
+    (`medfusionnet.risk.two_stage.save_models`) to ship as ``models/risk_model.json``.
 
     Raises:
-        FileNotFoundError: naming the run files that ``model_dir`` lacks.
+        FileNotFoundError: naming the run files that ``model_dir`` lacks, or a ``risk_model`` that does not exist.
+        ValueError: naming ``risk_model`` when it is not a saved two-stage risk model.
     """
     missing = [f for f in REQUIRED_RUN_FILES if not os.path.isfile(os.path.join(model_dir, f))]
     if missing:
         raise FileNotFoundError(f"{model_dir}: missing {missing}; package the output_dir of a training run")
+    if risk_model:
+        if not os.path.isfile(risk_model):
+            raise FileNotFoundError(f"--risk_model {risk_model} does not exist; give build_risk_model.py's model.json")
+        load_models(risk_model)  # checked before anything is written
     root = os.path.join(output_dir, name)
     if os.path.exists(root):
         shutil.rmtree(root)
@@ -86,6 +96,8 @@ def package(model_dir: str, output_dir: str, name: str = NAME, weights_url: str 
     for run_file in RUN_FILES:
         if os.path.isfile(os.path.join(model_dir, run_file)):
             shutil.copy2(os.path.join(model_dir, run_file), os.path.join(root, "models", run_file))
+    if risk_model:
+        shutil.copyfile(risk_model, os.path.join(root, "models", RISK_MODEL_FILE))
     shutil.copytree(os.path.join(REPO, "docs"), os.path.join(root, "docs"))
     shutil.copytree(
         os.path.join(REPO, "bundle", "medfusionnet"),
@@ -131,9 +143,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--name", default=NAME)
     parser.add_argument("--weights_url", default="", help="where model.pt can be downloaded (for large_files.yml)")
+    parser.add_argument("--risk_model", default="", help="build_risk_model.py's model.json, shipped in models/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    archive = package(args.model_dir, args.output_dir, args.name, args.weights_url)
+    archive = package(args.model_dir, args.output_dir, args.name, args.weights_url, args.risk_model)
     print(f"wrote {os.path.join(args.output_dir, args.name)} and {archive}")
     print("requirements: " + " ".join(requirements()))
     return 0

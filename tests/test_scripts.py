@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 from conftest import REPO, require, write_tiny_run
 
+from medfusionnet.risk import two_stage
+
 
 def _script(name):
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
@@ -152,6 +154,18 @@ def test_package_bundle_layout(tmp_path, monkeypatch, caplog):
     names = zipfile.ZipFile(archive).namelist()
     assert f"{package.NAME}/configs/metadata.json" in names and not any("__pycache__" in n for n in names)
     assert any(r.startswith("monai==") for r in package.requirements())
+    assert not (root / "models" / package.RISK_MODEL_FILE).exists()
+    with pytest.raises(ValueError, match="run_settings.json: not a two-stage risk model JSON"):
+        package.package(str(run), str(tmp_path / "dist2"), risk_model=str(run / "run_settings.json"))
+    assert not (tmp_path / "dist2").exists()  # refused before anything was written
+    rng = np.random.default_rng(0)
+    x = pd.DataFrame({"age": rng.uniform(20, 80, 200), "smokes": rng.integers(0, 2, 200).astype(float)})
+    y = pd.Series((x["age"] > 50).astype(int) | (rng.random(200) < 0.1).astype(int))
+    risk = two_stage.TwoStageRiskModel(stage2="tree").fit(x, y)
+    two_stage.save_models(tmp_path / "risk.json", {"Biopsy": risk})
+    package.package(str(run), str(tmp_path / "dist"), risk_model=str(tmp_path / "risk.json"))
+    shipped = two_stage.load_models(root / "models" / package.RISK_MODEL_FILE)["Biopsy"]
+    np.testing.assert_allclose(shipped.predict_proba(x), risk.predict_proba(x))
 
 
 @pytest.mark.slow
