@@ -6,13 +6,12 @@ are declared in YAML (`factor_levels.yaml` holds the cervical defaults and the a
 from __future__ import annotations
 
 import operator
-from importlib import resources
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from ..constants import RISK_LEVELS
+from .two_stage import read_yaml
 
 OPERATORS = {">=": operator.ge, ">": operator.gt, "==": operator.eq, "<=": operator.le, "<": operator.lt}
 
@@ -67,14 +66,7 @@ class FactorRiskRule:
     @classmethod
     def load(cls, path=None) -> FactorRiskRule:
         """The rule of a YAML file (the package default when None)."""
-        if path is None:
-            text = resources.files("medfusionnet.risk").joinpath("factor_levels.yaml").read_text()
-            where = "medfusionnet/risk/factor_levels.yaml"
-        else:
-            with open(path) as f:
-                text = f.read()
-            where = str(path)
-        return cls.from_mapping(yaml.safe_load(text) or {}, where)
+        return cls.from_mapping(*read_yaml(path, "factor_levels.yaml"))
 
     @property
     def columns(self) -> list[str]:

@@ -164,21 +164,26 @@ def outcome_features(
 # ------------------------------------------------------------------------------------------------ discretisation
 
 
+def read_yaml(path, default: str) -> tuple[dict, str]:
+    """``(document, where)`` of a YAML file, or of the package's ``medfusionnet/risk/<default>`` when ``path`` is None;
+    ``where`` names the file for error messages."""
+    if path is None:
+        text = resources.files("medfusionnet.risk").joinpath(default).read_text()
+        where = f"medfusionnet/risk/{default}"
+    else:
+        with open(path) as f:
+            text = f.read()
+        where = str(path)
+    return yaml.safe_load(text) or {}, where
+
+
 def load_bins(path=None) -> dict:
     """Bins ``{column: {"edges": [...], "labels": [...]}}`` from a YAML file (the package default when None).
 
     Raises:
         ValueError: naming the file and key when edges are not increasing or labels do not number edges - 1.
     """
-    if path is None:
-        text = resources.files("medfusionnet.risk").joinpath("risk_bins.yaml").read_text()
-        where = "medfusionnet/risk/risk_bins.yaml"
-    else:
-        with open(path) as f:
-            text = f.read()
-        where = str(path)
-    bins = yaml.safe_load(text) or {}
-    return validate_bins(bins, where)
+    return validate_bins(*read_yaml(path, "risk_bins.yaml"))
 
 
 def validate_bins(bins: dict, where: str = "bins") -> dict:
