@@ -304,10 +304,11 @@ def main(argv=None) -> int:
     cv.to_csv(os.path.join(args.output_dir, "cv_results.csv"), index=False)
     ranking = compare_models(cv)
     write_json_atomic(os.path.join(args.output_dir, "rank_stats.json"), ranking)
-    for setting, stats in ranking.items():
-        if "friedman" in stats:
-            title = next(v for k, v in SETTINGS.items() if SETTING_KEYS[k] == setting)
-            plot_mean_ranks(stats, os.path.join(args.output_dir, f"ranks_{setting}.png"), title)
+    for with_screening in results:
+        setting = SETTING_KEYS[with_screening]
+        if "friedman" in ranking[setting]:
+            path = os.path.join(args.output_dir, f"ranks_{setting}.png")
+            plot_mean_ranks(ranking[setting], path, SETTINGS[with_screening])
     write_report(
         os.path.join(args.output_dir, "report.md"),
         args,

@@ -74,7 +74,7 @@ class FactorRiskRule:
         return list(dict.fromkeys(c["column"] for c in (*self.factors.values(), *self.severe.values())))
 
     def to_dict(self) -> dict:
-        """The conditions as saved in a model file (`from_mapping` rebuilds the rule)."""
+        """The conditions as a plain mapping, e.g. for a JSON file (`from_mapping` rebuilds the rule)."""
         return {"factors": self.factors, "severe": self.severe}
 
     def describe(self) -> str:
