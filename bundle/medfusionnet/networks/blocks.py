@@ -5,6 +5,7 @@ Shapes use B (batch), C (channels), H x W (a feature map), N (tokens), D (embedd
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -150,7 +151,9 @@ class TabularTokenizer(nn.Module):
 
     A field is a slice of the encoded vector (age: value and missing flag; sex: one-hot and flag; ...). Its token is
     a linear projection of the slice, or the field's learned "missing" embedding when its missing flag is set, plus a
-    learned field-type embedding.
+    learned field-type embedding. The projections of all fields are one ``(fields, width, D)`` weight (slices
+    narrower than the widest are zero-padded), so the tokens come from one batched product however many fields
+    there are.
 
     Args:
         fields: ``(start, end, missing_index)`` per field; ``missing_index`` is -1 for a field without a flag.
@@ -159,20 +162,47 @@ class TabularTokenizer(nn.Module):
 
     def __init__(self, fields: List[Tuple[int, int, int]], dim: int):
         super().__init__()
-        self.fields = fields
-        self.proj = nn.ModuleList([nn.Linear(end - start, dim) for start, end, _ in fields])
+        self.fields = [tuple(int(v) for v in f) for f in fields]
+        width = max(end - start for start, end, _ in self.fields)
+        index = torch.zeros(len(fields), width, dtype=torch.long)
+        mask = torch.zeros(len(fields), width)
+        for i, (start, end, _) in enumerate(self.fields):
+            index[i, : end - start] = torch.arange(start, end)
+            index[i, end - start :] = start
+            mask[i, : end - start] = 1.0
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("flag_index", torch.tensor([max(f, 0) for _, _, f in self.fields]), persistent=False)
+        self.register_buffer("has_flag", torch.tensor([f >= 0 for _, _, f in self.fields]), persistent=False)
+        self.weight = nn.Parameter(torch.empty(len(fields), width, dim))
+        self.bias = nn.Parameter(torch.empty(len(fields), dim))
+        for i, (start, end, _) in enumerate(self.fields):  # nn.Linear's default initialisation, per field
+            bound = 1.0 / math.sqrt(end - start)
+            nn.init.uniform_(self.weight[i], -bound, bound)
+            nn.init.uniform_(self.bias[i], -bound, bound)
+        with torch.no_grad():
+            self.weight.mul_(self.mask.unsqueeze(-1))
         self.missing = nn.Parameter(torch.zeros(len(fields), dim))
         self.field_embed = nn.Parameter(torch.zeros(len(fields), dim))
         nn.init.trunc_normal_(self.missing, std=0.02)
         nn.init.trunc_normal_(self.field_embed, std=0.02)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints of 0.8.0 and earlier hold one nn.Linear per field (proj.<i>.weight (D, w), proj.<i>.bias)
+        legacy = f"{prefix}proj.0.weight"
+        if legacy in state_dict and f"{prefix}weight" not in state_dict:
+            weight = torch.zeros(len(self.fields), self.weight.shape[1], self.weight.shape[2])
+            for i, (start, end, _) in enumerate(self.fields):
+                weight[i, : end - start] = state_dict.pop(f"{prefix}proj.{i}.weight").t()
+            state_dict[f"{prefix}weight"] = weight
+            state_dict[f"{prefix}bias"] = torch.stack(
+                [state_dict.pop(f"{prefix}proj.{i}.bias") for i in range(len(self.fields))]
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, tabular: torch.Tensor) -> torch.Tensor:
-        tokens: List[torch.Tensor] = []
-        for i, proj in enumerate(self.proj):
-            start, end, flag = self.fields[i]
-            token = proj(tabular[:, start:end])  # (B, D)
-            if flag >= 0:
-                is_missing = tabular[:, flag : flag + 1] > 0.5
-                token = torch.where(is_missing, self.missing[i].unsqueeze(0).expand_as(token), token)
-            tokens.append(token + self.field_embed[i])
-        return torch.stack(tokens, dim=1)
+        values = tabular[:, self.index] * self.mask  # (B, fields, width)
+        tokens = torch.einsum("bfw,fwd->bfd", values, self.weight) + self.bias
+        is_missing = (tabular[:, self.flag_index] > 0.5) & self.has_flag  # (B, fields)
+        tokens = torch.where(is_missing.unsqueeze(-1), self.missing.unsqueeze(0).expand_as(tokens), tokens)
+        return tokens + self.field_embed
