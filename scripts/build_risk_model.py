@@ -3,8 +3,11 @@
     python scripts/build_risk_model.py --csv risk_factors_cervical_cancer.csv --output_dir out [--with_screening]
     python scripts/build_risk_model.py --csv labels.csv --nih --output_dir out
 
-Cross-validates both stage-2 kinds (``two_stage_tree``, the paper's readable tree, and ``two_stage_forest``) against
-reference models, then fits the ``--stage2`` kind (default: forest) on all rows. Writes to ``--output_dir``:
+Cross-validates the ``--models`` (default: all of them) in the same folds: both stage-2 kinds (``two_stage_tree``, the
+paper's readable tree, and ``two_stage_forest``), the reference models ``tree``, ``logistic``, ``forest`` and
+``boosting`` (decision tree, logistic regression, random forest, gradient boosting) and ``medfusionnet``, the
+tabular-only MedFusionNet (medfusionnet.risk.network); then fits the ``--stage2`` kind (default: forest) on all rows.
+Writes to ``--output_dir``:
 ``model.json`` (loadable without pickle), ``patients.csv`` (risk level and probability per outcome per row),
 ``report.md`` (selected thresholds, the readable tree's rules, cross-validated metrics, the models' rank comparison,
 positive rate per risk level out of fold and on the training data), ``cv_results.csv`` (every fold's figures),
@@ -12,11 +15,12 @@ positive rate per risk level out of fold and on the training data), ``cv_results
 outcome x repeat x fold of the cross-validated AUC), ``ranks_<setting>.png`` (mean ranks), ``tree_<outcome>.png``
 (the readable stage-2 tree), ``roc_curves.png`` and, with ``--export_tabular``, ``tabular_features.csv``.
 ``--with_screening`` evaluates both settings, (a) risk factors only and (b) with the other outcomes as features, and
-saves the model of setting (b). ``--config`` is a YAML file
-with optional ``bins:`` (see medfusionnet/risk/risk_bins.yaml) and ``params:`` (TwoStageRiskModel arguments for the
-``--stage2`` kind). ``--factor_levels`` adds the paper's rule-based levels (medfusionnet.risk.factor_levels: low with
-no risk factor, medium with one, high with several or a severe finding; conditions from the config's
-``factor_levels:`` key or the package default) to ``patients.csv`` and their positive rates to ``report.md``.
+saves the model of setting (b). ``--config`` is a YAML file with optional ``bins:`` (see
+medfusionnet/risk/risk_bins.yaml), ``params:`` (TwoStageRiskModel arguments for the ``--stage2`` kind) and
+``medfusionnet:`` (TabularMedFusionNetClassifier arguments). ``--factor_levels`` adds the paper's rule-based levels
+(medfusionnet.risk.factor_levels: low with no risk factor, medium with one, high with several or a severe finding;
+conditions from the config's ``factor_levels:`` key or the package default) to ``patients.csv`` and their positive
+rates to ``report.md``.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from medfusionnet.files import outputs_line  # noqa: E402
 from medfusionnet.files import write_json_atomic  # noqa: E402
 from medfusionnet.risk import two_stage  # noqa: E402
 from medfusionnet.risk.factor_levels import FactorRiskRule  # noqa: E402
+from medfusionnet.risk.network import TabularMedFusionNetClassifier  # noqa: E402
 
 SETTINGS = {False: "(a) risk factors only", True: "(b) with screening results"}
+MODELS = ("tree", "logistic", "forest", "boosting", "two_stage_tree", "two_stage_forest", "medfusionnet")
 SETTING_KEYS = {False: "a", True: "b"}  # short names in cv_results.csv, rank_stats.json and file names
 RANK_BLOCKS = "outcome x repeat x fold, cross-validated AUC"
 
@@ -143,6 +149,8 @@ def write_report(
             rule = " and ".join(two_stage.describe_rule(f, op, t, bins) for f, op, t in conditions) or "all patients"
             lines.append(f"| {rule} | {leaf['n']} | {leaf['rate']:.3f} | {leaf['level']} |")
         for with_screening, result in results.items():
+            if saved not in result["levels"][outcome]:  # the saved kind was not among --models
+                continue
             lines += level_lines(
                 f"Positive rate per risk level of `{saved}`, out of fold (first CV repeat), "
                 f"{SETTINGS[with_screening]}:",
@@ -239,7 +247,7 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", required=True)
     parser.add_argument("--outcomes", nargs="+", help="default: the cervical outcomes, or the 14 findings with --nih")
     parser.add_argument("--features", nargs="+", help="default: every other column")
-    parser.add_argument("--config", help="YAML with optional 'bins:', 'params:' and 'factor_levels:'")
+    parser.add_argument("--config", help="YAML with optional 'bins:', 'params:', 'medfusionnet:' and 'factor_levels:'")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -247,6 +255,9 @@ def main(argv=None) -> int:
     parser.add_argument("--with_screening", action="store_true", help="also evaluate and save setting (b)")
     parser.add_argument("--export_tabular", action="store_true", help="write tabular_features.csv")
     parser.add_argument("--stage2", choices=two_stage.STAGE2_KINDS, default="forest", help="kind of the saved model")
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to cross-validate (default: all)"
+    )
     parser.add_argument(
         "--factor_levels", action="store_true", help="also the paper's rule-based levels (risk-factor counts)"
     )
@@ -273,6 +284,10 @@ def main(argv=None) -> int:
 
     candidates = {f"two_stage_{kind}": two_stage.TwoStageRiskModel(**params) for kind, params in kinds.items()}
     candidates.update(two_stage.comparison_models(args.seed))
+    candidates["medfusionnet"] = TabularMedFusionNetClassifier(
+        **{"random_state": args.seed, **(config.get("medfusionnet") or {})}
+    )
+    candidates = {name: candidates[name] for name in dict.fromkeys(args.models)}
     results = {}
     for with_screening in sorted({False, args.with_screening}):
         results[with_screening] = two_stage.cross_validate(

@@ -9,8 +9,10 @@ import medfusionnet
 from medfusionnet.data.tabular import NUM_TABULAR_FEATURES, TabularEncoder, missing_tabular_vector
 from medfusionnet.engine.losses import create_loss
 from medfusionnet.networks.baselines import DenseNet121Tabular
+from medfusionnet.networks.blocks import TabularTokenizer
 from medfusionnet.networks.label_query_fusion import initial_gains
-from medfusionnet.networks.medfusionnet import BRANCHES, MedFusionNet
+from medfusionnet.networks.medfusionnet import BRANCHES, MedFusionNet, nih_tabular_fields
+from medfusionnet.networks.tabular_only import TabularMedFusionNet
 
 
 def _tabular(batch: int) -> torch.Tensor:
@@ -270,3 +272,47 @@ def test_deep_supervision_returns_the_branch_logits_in_training_only():
     torch.testing.assert_close(loss(out, target), expected)
     torch.testing.assert_close(loss(out[:, 0], target), bce(out[:, 0], target))
     assert net.eval()(image, tab).shape == (2, 5)
+
+
+def test_tabular_tokenizer_projects_each_field_and_loads_per_field_linear_weights():
+    fields = nih_tabular_fields(NUM_TABULAR_FEATURES)  # widths 2, 3, 3, 2
+    dim = 8
+    torch.manual_seed(0)
+    legacy = {f"proj.{i}.weight": torch.randn(dim, end - start) for i, (start, end, _) in enumerate(fields)}
+    legacy.update({f"proj.{i}.bias": torch.randn(dim) for i in range(len(fields))})
+    legacy.update(missing=torch.randn(len(fields), dim), field_embed=torch.randn(len(fields), dim))
+    tokenizer = TabularTokenizer(fields, dim)
+    tokenizer.load_state_dict(dict(legacy))  # the 0.8.0 layout: one nn.Linear per field
+    x = torch.rand(6, NUM_TABULAR_FEATURES)
+    x[:, [1, 4, 7, 9]] = (torch.rand(6, 4) > 0.5).float()  # missing flags set at random
+    expected = []
+    for i, (start, end, flag) in enumerate(fields):
+        token = x[:, start:end] @ legacy[f"proj.{i}.weight"].T + legacy[f"proj.{i}.bias"]
+        token = torch.where(x[:, flag : flag + 1] > 0.5, legacy["missing"][i].expand_as(token), token)
+        expected.append(token + legacy["field_embed"][i])
+    torch.testing.assert_close(tokenizer(x), torch.stack(expected, 1))
+    torch.testing.assert_close(torch.jit.script(tokenizer)(x), torch.stack(expected, 1))
+    assert set(tokenizer.state_dict()) == {"weight", "bias", "missing", "field_embed"}
+
+
+def test_tabular_only_network_learns_a_field_and_ignores_a_missing_one():
+    torch.manual_seed(0)
+    fields = [(0, 1, 2), (1, 2, -1)]  # field 0 has its missing flag at column 2
+    net = TabularMedFusionNet(fields, num_classes=2, dim=16, dropout_rate=0.0)
+    x = torch.randn(256, 3)
+    x[:, 2] = 0.0
+    y = torch.stack([(x[:, 0] > 0).float(), (x[:, 1] > 0).float()], 1)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(net(x), y).backward()
+        optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = ((net(x) > 0).float() == y).float().mean(0)
+        assert accuracy.min() > 0.9
+        flagged = x.clone()
+        flagged[:, 2] = 1.0  # field 0 missing: its value must no longer matter
+        flagged_other = flagged.clone()
+        flagged_other[:, 0] = -flagged[:, 0]
+        torch.testing.assert_close(net(flagged), net(flagged_other))

@@ -12,8 +12,11 @@ from sklearn.metrics import roc_auc_score
 
 from medfusionnet.constants import LABELS
 from medfusionnet.data.nih import read_nih_csv
+from medfusionnet.evaluation.decision import RiskTierRule, combine_tiers, decision_document
 from medfusionnet.risk import two_stage
+from medfusionnet.risk.assessment import PatientRiskAssessor
 from medfusionnet.risk.factor_levels import FactorRiskRule
+from medfusionnet.risk.network import TabularMedFusionNetClassifier
 
 CERVICAL = DATA / "cervical" / "risk_factors_cervical_cancer.csv"
 
@@ -271,6 +274,8 @@ def test_nih_tables():
 def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
     build = _script("build_risk_model")
     out = tmp_path / "cervical"
+    config = tmp_path / "risk.yaml"
+    config.write_text("medfusionnet:\n  max_epochs: 2\n")  # every model in the comparison, the network kept short
     assert (
         build.main(
             [
@@ -278,6 +283,8 @@ def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
                 str(require(CERVICAL)),
                 "--output_dir",
                 str(out),
+                "--config",
+                str(config),
                 "--repeats",
                 "1",
                 "--outcomes",
@@ -305,7 +312,8 @@ def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
     assert set(patients["factor_level"]) == set(two_stage.RISK_LEVELS)
     report = (out / "report.md").read_text()
     assert "(a) risk factors only" in report and "(b) with screening results" in report
-    assert "random_forest" in report and "gradient_boosting" in report and "| Biopsy | two_stage_tree |" in report
+    for model in build.MODELS:
+        assert f"| Biopsy | {model} |" in report
     assert "Positive rate per risk level of `two_stage_forest`, out of fold (first CV repeat), (a)" in report
     assert "Positive rate per rule-based risk level (`--factor_levels`):" in report
     assert two_stage.load_models(out / "model.json")["Biopsy"].stage2 == "forest"
@@ -318,7 +326,8 @@ def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
     assert "AUC (b)" in capsys.readouterr().out
     cv = pd.read_csv(out / "cv_results.csv")
     assert list(cv.columns[:8]) == ["setting", "outcome", "model", "repeat", "fold", "auc", "f1", "gmean"]
-    assert len(cv) == 2 * 2 * 6 * 5 and set(cv["setting"]) == {"a", "b"}  # settings x outcomes x models x folds
+    assert len(cv) == 2 * 2 * 7 * 5 and set(cv["setting"]) == {"a", "b"}  # settings x outcomes x models x folds
+    assert list(dict.fromkeys(cv["model"])) == list(build.MODELS)
     ranking = json.loads((out / "rank_stats.json").read_text())
     for setting in ("a", "b"):
         part = cv[cv["setting"] == setting]
@@ -326,7 +335,7 @@ def test_script_writes_all_outputs_on_cervical(tmp_path, capsys):
         friedman = ranking[setting]["friedman"]
         expected = scipy_stats.friedmanchisquare(*(table[m] for m in friedman["models"]))
         assert friedman["blocks"] == 10 and friedman["statistic"] == pytest.approx(expected.statistic)
-        assert len(ranking[setting]["wilcoxon_holm"]) == 15 and (out / f"ranks_{setting}.png").stat().st_size > 0
+        assert len(ranking[setting]["wilcoxon_holm"]) == 21 and (out / f"ranks_{setting}.png").stat().st_size > 0
     assert "Friedman test over 10 blocks (outcome x repeat x fold, cross-validated AUC): chi2 = " in report
 
 
@@ -346,6 +355,9 @@ def test_script_runs_on_nih_metadata(tmp_path):
                 "--outcomes",
                 "Infiltration",
                 "Effusion",
+                "--models",
+                "two_stage_forest",
+                "tree",
             ]
         )
         == 0
@@ -397,3 +409,106 @@ def test_default_factor_rule_on_cervical():
     assert (out.loc[x["Dx:Cancer"] == 1, "level"] == "high").all()  # a prior cancer diagnosis is high on its own
     smokers_only = (x["Smokes"] == 1) & out["fired"].eq("smoking")
     assert smokers_only.any() and (out.loc[smokers_only, "level"] == "medium").all()
+
+
+def test_tabular_medfusionnet_learns_a_threshold_rule_with_missing_values():
+    x, y = _synthetic(n=500, noise=0.0, seed=3)
+    x.loc[x.index[::7], "noise_a"] = np.nan  # a column with gaps gets a missing flag, not an imputed guess
+    train, test = np.arange(400), np.arange(400, 500)
+    model = TabularMedFusionNetClassifier(max_epochs=40).fit(x.iloc[train], y[train])
+    assert model.fields_[1][2] == model.columns_.index("noise_a missing")
+    assert roc_auc_score(y[test], model.predict_proba(x.iloc[test])[:, 1]) > 0.95
+    again = TabularMedFusionNetClassifier(max_epochs=40).fit(x.iloc[train], y[train])
+    np.testing.assert_array_equal(model.predict_proba(x.iloc[test]), again.predict_proba(x.iloc[test]))  # seeded
+
+
+def test_tabular_medfusionnet_learns_from_the_training_fold_only(cervical):
+    x, y_table = cervical
+    small = TabularMedFusionNetClassifier(max_epochs=2)
+    result = two_stage.cross_validate(
+        x, y_table, {"medfusionnet": small}, outcomes=["Biopsy"], repeats=1, keep_models=True
+    )
+    probe = x.iloc[:50]
+    for (_, _, train, fitted), (_, test) in zip(result["folds"], two_stage.fold_indices(y_table["Biopsy"])):
+        assert not set(train) & set(test)
+        imputed = fitted.preprocessor_.transform(x.iloc[train])
+        kept = [c for c in fitted.columns_ if c not in fitted.preprocessor_.indicators_]
+        np.testing.assert_allclose(fitted.means_[: len(kept)], imputed[kept].mean().to_numpy())
+        assert fitted.prevalence_ == pytest.approx(y_table["Biopsy"].iloc[train].mean())
+        # the same training rows with every other row replaced by noise give the same model
+        scrambled = x.copy()
+        scrambled.iloc[test] = np.random.default_rng(0).normal(size=(len(test), x.shape[1]))
+        refit = clone(small).fit(scrambled.iloc[train], y_table["Biopsy"].iloc[train])
+        np.testing.assert_allclose(refit.predict_proba(probe), fitted.predict_proba(probe))
+    assert result["scores"]["auc"].between(0, 1).all()
+
+
+def _clinical_risk_model(tmp_path):
+    """A two-stage risk model of one outcome on NIH age plus a clinical column 'Smokes', saved as JSON."""
+    rng = np.random.default_rng(0)
+    n = 400
+    x = pd.DataFrame({"age": rng.integers(20, 90, n).astype(float), "Smokes": rng.integers(0, 2, n).astype(float)})
+    x.loc[x.index[::9], "Smokes"] = np.nan
+    y = ((x["Smokes"] == 1) & (x["age"] > 55)).astype(int).to_numpy()
+    model = two_stage.TwoStageRiskModel(top_n=None).fit(x, y)
+    path = tmp_path / "risk_model.json"
+    two_stage.save_models(path, {"Effusion": model})
+    return path, two_stage.load_models(path)["Effusion"]
+
+
+def test_patient_risk_reads_nih_fields_and_clinical_columns(tmp_path):
+    path, model = _clinical_risk_model(tmp_path)
+    assessor = PatientRiskAssessor(path)
+    assert assessor.features == ["age", "Smokes"]
+    record = {"age": "070Y", "sex": "F", "clinical": {"Smokes": "1", "Other": "x"}}
+    result = assessor.assess(record)
+    frame = pd.DataFrame([{"age": 70.0, "Smokes": 1.0}])
+    assert result["status"] == "ok" and result["unknown"] == []
+    assert result["outcomes"]["Effusion"]["probability"] == pytest.approx(model.predict_proba(frame)[0, 1], abs=1e-6)
+    assert result["level"] == result["outcomes"]["Effusion"]["level"] == model.predict_risk(frame)[0]
+    expected_rules = [
+        f"{r['feature']} {r['direction']} {r['threshold']:g}"
+        for r in model.stage1_[: len(model.selected_features_)]
+        if (model.preprocessor_.transform(frame).iloc[0][r["feature"]] > r["threshold"]) == (r["direction"] == ">")
+    ]
+    assert result["outcomes"]["Effusion"]["rules"] == expected_rules and expected_rules
+    # a missing answer fires no rule and is listed; no field at all is "no tabular data"
+    partial = assessor.assess({"age": 70, "clinical": {"Smokes": "?"}})
+    assert partial["unknown"] == ["Smokes"] and not any("Smokes" in r for r in partial["outcomes"]["Effusion"]["rules"])
+    assert assessor.assess({"name": "a.png"}) == {"status": "no tabular data", "unknown": ["age", "Smokes"]}
+    with pytest.raises(ValueError, match="image 'b.png': column 'Smokes': value 'often' is not a number"):
+        assessor.assess({"age": 40, "clinical": {"Smokes": "often"}}, where="image 'b.png'")
+    assert PatientRiskAssessor.load_if_present(tmp_path / "absent.json") is None
+
+
+def test_combined_tier_is_the_higher_level():
+    assert combine_tiers("low", "high") == "high" and combine_tiers("high", "medium") == "high"
+    assert combine_tiers("medium", None) == "medium"
+    document = decision_document(
+        ["a.png", "b.png"],
+        np.zeros((2, len(LABELS))),
+        [0.5] * len(LABELS),
+        RiskTierRule(),
+        risks={"a.png": {"status": "ok", "level": "high"}},
+    )
+    first, second = document["images"]
+    assert (first["tier"], first["combined_tier"]) == ("low", "high")
+    assert second["tabular_risk"] == {"status": "no tabular data"} and second["combined_tier"] == "low"
+    assert "higher of the image tier and the tabular risk level" in document["combined_rule"]
+    assert "combined_rule" not in decision_document(["a.png"], np.zeros((1, len(LABELS))), [0.5] * 14, RiskTierRule())
+
+
+def test_tabular_medfusionnet_learns_auxiliary_outcomes_from_training_rows_only(cervical):
+    x, y_table = cervical
+    model = TabularMedFusionNetClassifier(max_epochs=1, auxiliary_outcomes=True)
+    result = two_stage.cross_validate(
+        x, y_table, {"medfusionnet": model}, outcomes=["Biopsy"], repeats=1, keep_models=True
+    )
+    for _, _, train, fitted in result["folds"]:
+        assert fitted.network_.label_queries.shape[0] == 4  # Biopsy first, then the three other outcomes
+        assert fitted.prevalence_ == pytest.approx(y_table["Biopsy"].iloc[train].mean())
+        assert fitted.predict_proba(x.iloc[:3]).shape == (3, 2)
+    screening = two_stage.cross_validate(
+        x, y_table, {"medfusionnet": model}, outcomes=["Biopsy"], repeats=1, keep_models=True, with_screening=True
+    )
+    assert all(f.network_.label_queries.shape[0] == 1 for *_, f in screening["folds"])  # (b): they are inputs

@@ -788,20 +788,22 @@ def load_models(path) -> dict:
 def comparison_models(
     random_state: int = 0, max_depth: int = 3, min_samples_leaf: int = 20, n_estimators: int = 100
 ) -> dict:
-    """Reference classifiers, each behind a median `SimpleImputer` (and a scaler for the logistic regression)."""
+    """Reference classifiers by short name (``tree``, ``logistic``, ``forest``, ``boosting``: decision tree, logistic
+    regression, random forest, gradient boosting), each behind a median `SimpleImputer` (and a scaler for the
+    logistic regression)."""
     # The same information as the two-stage model: median imputation plus missing-value indicators.
     impute = SimpleImputer(strategy="median", keep_empty_features=True, add_indicator=True)
     return {
-        "decision_tree": make_pipeline(
+        "tree": make_pipeline(
             clone(impute),
             DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_samples_leaf, random_state=random_state),
         ),
-        "logistic_regression": make_pipeline(clone(impute), StandardScaler(), LogisticRegression(max_iter=2000)),
-        "random_forest": make_pipeline(
+        "logistic": make_pipeline(clone(impute), StandardScaler(), LogisticRegression(max_iter=2000)),
+        "forest": make_pipeline(
             clone(impute),
             RandomForestClassifier(n_estimators=n_estimators, min_samples_leaf=5, random_state=random_state),
         ),
-        "gradient_boosting": make_pipeline(
+        "boosting": make_pipeline(
             clone(impute), GradientBoostingClassifier(n_estimators=n_estimators, max_depth=2, random_state=random_state)
         ),
     }
@@ -841,8 +843,10 @@ def cross_validate(
     with seed ``seed + repeat``, so no group has rows on both sides of a split.
 
     Every model is cloned and fitted on the training rows of each fold only (imputation, thresholds, selection
-    and tree included). Binary predictions use ``probability >= training prevalence`` for every model, so F1 and
-    the other thresholded metrics compare like with like.
+    and tree included). A model with a true ``auxiliary_outcomes`` attribute (the tabular-only MedFusionNet) is
+    fitted on the training rows' outcome and, in setting (a), their other outcomes as extra targets. Binary
+    predictions use ``probability >= training prevalence`` for every model, so F1 and the other thresholded metrics
+    compare like with like.
 
     Returns ``{"scores": DataFrame (outcome, model, repeat, fold, *CV_METRICS), "roc": {outcome: {model: (y,
     prob)}} out-of-fold for the first repeat, "levels": {outcome: {model: DataFrame}} out-of-fold patients,
@@ -859,7 +863,11 @@ def cross_validate(
             repeat, fold = divmod(k, n_splits)
             threshold = float(y[train].mean())
             for name, model in models.items():
-                fitted = clone(model).fit(features.iloc[train], y[train])
+                target = y[train]
+                if getattr(model, "auxiliary_outcomes", False) and not with_screening:
+                    # the training rows' other outcomes as extra targets (never as inputs, never from the test rows)
+                    target = y_table[[outcome, *(c for c in y_table.columns if c != outcome)]].to_numpy()[train]
+                fitted = clone(model).fit(features.iloc[train], target)
                 prob = fitted.predict_proba(features.iloc[test])[:, 1]
                 rows.append(
                     {
