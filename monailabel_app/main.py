@@ -7,11 +7,15 @@ One infer task, ``medfusionnet`` (classification, 2-D). ``POST /infer/medfusionn
 the 14 probabilities, the decisions at the bundle's thresholds, the positive findings and the risk tier, as the
 bundle's inference writes them to ``decisions.json``; ``output=image`` (or ``all``) also returns the Grad-CAM map of
 the most probable finding, thresholded at half its maximum, as a PNG label image of the X-ray's size, which 3D
-Slicer's MONAI Label module shows over the image. Tabular input is encoded as missing, or read from the DICOM header.
+Slicer's MONAI Label module shows over the image. Tabular input is read from the DICOM header, or from the request's
+params (``age``, ``sex``, ``view``, ``follow_up``, and ``clinical``: ``{column: value}`` for a risk model's other
+fields), else encoded as missing. A bundle packaged with ``--risk_model`` also answers the patient's tabular risk
+(level, probability and fired rules per outcome), the combined tier and its rule, as ``decisions.json`` holds them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -53,16 +57,19 @@ class MedFusionNetInfer(InferTask):
             from medfusionnet.evaluation.calibration import TemperatureScaling
             from medfusionnet.evaluation.decision import RiskTierRule
             from medfusionnet.explain.workflow import load_trained
+            from medfusionnet.risk.assessment import PatientRiskAssessor
 
             models = os.path.join(self.bundle_path, "models")
             network, encoder, image_size, thresholds = load_trained(models)
             calibration = os.path.join(models, "calibration.json")
+            risk = PatientRiskAssessor.load_if_present(os.path.join(models, "risk_model.json"))
             self._loaded = {
                 "trained_on": saved_setting(models, "data", default={}),
                 "network": network,
                 "image_size": image_size,
                 "thresholds": np.asarray(thresholds),
-                "transform": xray_transforms(encoder, image_size, with_label=False),
+                "risk": risk,
+                "transform": xray_transforms(encoder, image_size, with_label=False, risk=risk),
                 "rule": RiskTierRule(),
                 "calibration": TemperatureScaling.load(calibration) if os.path.isfile(calibration) else None,
             }
@@ -76,14 +83,18 @@ class MedFusionNetInfer(InferTask):
         """``(label PNG path, result JSON)`` for ``request["image"]`` (a file path)."""
         from PIL import Image
 
-        from medfusionnet.constants import LABELS
+        from medfusionnet.constants import KEY_CLINICAL, KEY_RISK, LABELS, RAW_TABULAR_KEYS
         from medfusionnet.data.image_reader import read_xray
         from medfusionnet.evaluation.decision import decision_document
         from medfusionnet.explain.saliency import gradcam, rescale_box
 
         m = self._load()
         path = request["image"]
-        item = m["transform"]({"image": path, "name": os.path.basename(path)})
+        fields = {k: request[k] for k in (*RAW_TABULAR_KEYS, KEY_CLINICAL) if request.get(k) is not None}
+        if not isinstance(fields.get(KEY_CLINICAL, {}), dict):
+            raise ValueError(f"params 'clinical' must be an object of column: value, got {fields[KEY_CLINICAL]!r}")
+        name = os.path.basename(path)
+        item = m["transform"]({**fields, "image": path, "name": name})
         image = torch.as_tensor(item["image"])[None]
         tabular = torch.as_tensor(item["tabular"])[None]
         with torch.no_grad():
@@ -98,8 +109,9 @@ class MedFusionNetInfer(InferTask):
         label_path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
         Image.fromarray(mask.astype(np.uint8)).save(label_path)
         # the same decisions, tier and calibrated scale as the bundle's inference (decision.decision_document)
+        risks = {name: json.loads(item[KEY_RISK])} if m["risk"] is not None else None
         document = decision_document(
-            [os.path.basename(path)], probs[None], m["thresholds"], m["rule"], m["calibration"], labels=LABELS
+            [name], probs[None], m["thresholds"], m["rule"], m["calibration"], labels=LABELS, risks=risks
         )
         image_result = document["images"][0]
         result = {
@@ -112,6 +124,8 @@ class MedFusionNetInfer(InferTask):
             "decisions": image_result["decisions"],
             "calibrated": document["calibrated"],
             "model_trained_on": m["trained_on"],
+            **{k: image_result[k] for k in ("tabular_risk", "combined_tier") if k in image_result},
+            **({"combined_rule": document["combined_rule"]} if risks is not None else {}),
             "gradcam_finding": LABELS[top],
             "gradcam_label": "pixels at or above half the Grad-CAM maximum",
         }

@@ -4,7 +4,9 @@
 
 MONAI Label pulls the CUDA build of torch and torchvision, so it gets its own virtual environment (``--venv``, made
 and filled on first use, about 8 GB; ``--python`` uses an existing interpreter that has ``monailabel`` instead).
-Without ``--model_dir`` an untrained tiny MedFusionNet is packaged, which exercises the serving path only. The
+Without ``--model_dir`` an untrained tiny MedFusionNet is packaged, which exercises the serving path only; a small
+two-stage risk model of NIH metadata (``--labels_csv``) is packaged with it, and each request carries the image's
+age / sex / view / follow-up as MONAI Label params, so the answer holds the tabular risk and the combined tier. The
 studies folder holds links to the first ``--count`` images, so MONAI Label's datastore files never land next to the
 data. Prints the figures as JSON (server start time, round trip per request) and exits with 1 on any failure.
 """
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,10 +61,27 @@ def tiny_run(out: str) -> str:
     return out
 
 
-def post(url: str, timeout: float = 300) -> tuple[bytes, str, float]:
-    """``(body, content type, seconds)`` of an empty POST."""
+def nih_risk_model(labels_csv: str, path: str, outcomes=("Effusion", "Infiltration")) -> dict:
+    """Fit a small two-stage risk model of ``outcomes`` on NIH metadata, save it to ``path``; returns the images'
+    tabular fields ``{name: {"age", "sex", "view", "follow_up"}}`` as a PACS header would give them."""
+    sys.path.insert(0, os.path.join(REPO, "bundle"))
+    from medfusionnet.data.nih import read_nih_csv
+    from medfusionnet.risk import two_stage
+
+    frame = read_nih_csv(labels_csv)
+    x, y_table = two_stage.nih_tables(frame)
+    params = {**two_stage.FOREST_PARAMS, "n_estimators": 20}
+    two_stage.save_models(path, {o: two_stage.TwoStageRiskModel(**params).fit(x, y_table[o]) for o in outcomes})
+    columns = ["age", "sex", "view", "follow_up"]
+    return {r["name"]: {c: str(r[c]) for c in columns} for r in frame[["name", *columns]].to_dict("records")}
+
+
+def post(url: str, timeout: float = 300, params: dict | None = None) -> tuple[bytes, str, float]:
+    """``(body, content type, seconds)`` of a POST, with MONAI Label's ``params`` form field when given."""
     start = time.perf_counter()
-    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=timeout) as response:
+    data = urllib.parse.urlencode({"params": json.dumps(params)}).encode() if params else None
+    request = urllib.request.Request(url, data=data, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         body = response.read()
         return body, response.headers.get("content-type", ""), time.perf_counter() - start
 
@@ -71,6 +91,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", help="a training run's output_dir (default: an untrained tiny network)")
     parser.add_argument("--images", default=os.path.join(REPO, "..", "shared", "data", "nih", "images_full"))
+    parser.add_argument("--labels_csv", default=os.path.join(REPO, "..", "shared", "data", "nih", "labels.csv"))
     parser.add_argument("--count", type=int, default=3)
     parser.add_argument("--venv", default=os.path.join(tempfile.gettempdir(), "medfusionnet-monailabel"))
     parser.add_argument("--python", help="an interpreter with monailabel installed (skips --venv)")
@@ -85,7 +106,9 @@ def main(argv=None) -> int:
 
     model_dir = args.model_dir or tiny_run(os.path.join(work, "run"))
     bundle = os.path.join(work, "dist", package_bundle.NAME)
-    package_bundle.package(model_dir, os.path.join(work, "dist"))
+    risk_model = os.path.join(work, "risk_model.json")
+    fields = nih_risk_model(args.labels_csv, risk_model)
+    package_bundle.package(model_dir, os.path.join(work, "dist"), risk_model=risk_model)
     studies = os.path.join(work, "studies")
     os.makedirs(studies)
     names = sorted(f for f in os.listdir(args.images) if f.endswith(".png"))[: args.count]
@@ -116,7 +139,7 @@ def main(argv=None) -> int:
         str(args.port),
     ]
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    failures, rounds = [], []
+    failures, rounds, risks = [], [], []
     try:
         info = None
         while time.perf_counter() - start < 300 and server.poll() is None:
@@ -131,11 +154,18 @@ def main(argv=None) -> int:
             failures.append(f"server did not come up with the medfusionnet model (log: {log.name})")
         for name in names if not failures else []:
             image_id = os.path.splitext(name)[0]
-            body, _, seconds = post(f"{base}/infer/medfusionnet?image={image_id}&output=json")
+            body, _, seconds = post(f"{base}/infer/medfusionnet?image={image_id}&output=json", params=fields[name])
             result = json.loads(body)
             rounds.append(seconds)
             if result.get("tier") not in ("low", "medium", "high") or len(result.get("probabilities", {})) != 14:
                 failures.append(f"{name}: unexpected JSON {str(result)[:200]}")
+            tabular = result.get("tabular_risk", {})
+            if tabular.get("status") != "ok" or set(tabular.get("outcomes", {})) != {"Effusion", "Infiltration"}:
+                failures.append(f"{name}: no tabular risk for the fields {fields[name]}: {str(tabular)[:200]}")
+            elif result.get("combined_tier") not in ("low", "medium", "high") or "combined_rule" not in result:
+                failures.append(f"{name}: no combined tier in {str(result)[:200]}")
+            else:
+                risks.append({"image": name, "level": tabular["level"], "combined_tier": result["combined_tier"]})
             body, kind, seconds = post(f"{base}/infer/medfusionnet?image={image_id}&output=image")
             label = os.path.join(work, f"{image_id}_label.png")
             with open(label, "wb") as f:
@@ -152,6 +182,7 @@ def main(argv=None) -> int:
         "server_start_s": round(started, 1),
         "failures": failures,
         "json_round_trip_s": [round(r, 3) for r in rounds],
+        "tabular_risk": risks,
         "work_dir": work,
     }
     print(json.dumps(summary, indent=2))

@@ -11,6 +11,8 @@ import torch
 from conftest import REPO, require
 
 import medfusionnet
+from medfusionnet.data.nih import read_nih_csv
+from medfusionnet.risk import two_stage
 
 
 def bundle(*args, timeout=900):
@@ -276,6 +278,13 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
     )
     summary = json.loads((explain_dir / "summary.json").read_text())
     assert summary["localisation"]["gradcam:cnn"]["maps"] == 1 and "lrp:input" in summary["randomisation_check"]
+    # a risk model in the run folder: every decision also gets the patient's tabular risk and the combined tier
+    frame = read_nih_csv(nih_dir / "labels.csv")
+    x, y_table = two_stage.nih_tables(frame)
+    params = {**two_stage.FOREST_PARAMS, "n_estimators": 20}
+    risk = {o: two_stage.TwoStageRiskModel(**params).fit(x, y_table[o]) for o in ("Effusion", "Infiltration")}
+    two_stage.save_models(out / "risk_model.json", risk)
+    expected_risk = dict(zip(frame["name"], risk["Effusion"].predict_proba(x)[:, 1]))
     for folder, expected in ((nih_dir / "images_full", 150), (dicom_files[0].parent, 2)):
         infer_dir = tmp_path / folder.name
         bundle(
@@ -298,6 +307,14 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
         decisions = json.loads((infer_dir / "decisions.json").read_text())
         assert decisions["calibrated"] and len(decisions["images"]) == expected
         assert {item["tier"] for item in decisions["images"]} <= {"low", "medium", "high"}
+        assert decisions["risk_model"]["outcomes"] == ["Effusion", "Infiltration"] and "combined_rule" in decisions
+        for item in decisions["images"]:
+            tabular = item["tabular_risk"]
+            assert tabular["status"] == "ok" and set(tabular["outcomes"]) == {"Effusion", "Infiltration"}
+            assert item["combined_tier"] == max(item["tier"], tabular["level"], key=["low", "medium", "high"].index)
+            if item["image"] in expected_risk:  # an NIH image: its labels.csv row, as the risk model saw it
+                probability = tabular["outcomes"]["Effusion"]["probability"]
+                assert probability == pytest.approx(expected_risk[item["image"]], abs=1e-6)
         assert list(rows[0])[1:] == list(medfusionnet.LABELS)
         assert all(0 <= float(r[label]) <= 1 for r in rows for label in medfusionnet.LABELS)
 

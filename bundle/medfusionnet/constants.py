@@ -45,6 +45,8 @@ KEY_SEX = "sex"
 KEY_VIEW = "view"
 KEY_FOLLOW_UP = "follow_up"
 RAW_TABULAR_KEYS = (KEY_AGE, KEY_SEX, KEY_VIEW, KEY_FOLLOW_UP)
+KEY_CLINICAL = "clinical"  # the other columns of a tabular_csv row, {column: raw text}, read by the risk model
+KEY_RISK = "risk"  # the patient's tabular risk assessment (risk.assessment), as JSON text
 
 # a cell or field that holds one of these (stripped, any case), or nothing at all, is missing
 MISSING_STRINGS: tuple[str, ...] = ("", "?", "na", "nan", "none")

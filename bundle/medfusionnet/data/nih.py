@@ -25,6 +25,7 @@ from ..constants import (
     COL_SEX,
     COL_VIEW,
     KEY_AGE,
+    KEY_CLINICAL,
     KEY_FOLLOW_UP,
     KEY_IMAGE,
     KEY_LABEL,
@@ -345,20 +346,24 @@ def inference_records(
 
 
 def _with_tabular(records: list[dict], tabular_csv: str | None) -> list[dict]:
-    """``records`` with the tabular fields of their ``tabular_csv`` row (matched on the file name) where absent;
-    a warning counts the images that have no row."""
+    """``records`` with the tabular fields of their ``tabular_csv`` row (matched on the file name) where absent, and
+    the row's other columns under ``clinical`` (read by a risk model); a warning counts the images that have no
+    row."""
     if not tabular_csv:
         return records
     table = pd.read_csv(tabular_csv, dtype=str, keep_default_na=False)
     if COL_IMAGE not in table.columns:
         raise ValueError(f"{tabular_csv}: missing required column '{COL_IMAGE}'; found {list(table.columns)}")
     warn_unusable_fields(tabular_csv, table)
+    nih_columns = {COL_IMAGE, COL_AGE, COL_SEX, COL_VIEW, COL_FOLLOW_UP}
+    others = [c for c in table.columns if c not in nih_columns]
     rows = {
         r[COL_IMAGE].strip(): {
             KEY_AGE: r.get(COL_AGE),
             KEY_SEX: r.get(COL_SEX),
             KEY_VIEW: r.get(COL_VIEW),
             KEY_FOLLOW_UP: r.get(COL_FOLLOW_UP),
+            KEY_CLINICAL: {c: r[c] for c in others},
         }
         for _, r in table.iterrows()
     }

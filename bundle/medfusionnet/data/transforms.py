@@ -1,12 +1,13 @@
 """MONAI transforms and datasets for chest X-rays with tabular patient data.
 
-Pipelines: `LoadXrayd` (any supported file to a ``(1, H, W)`` image in [0, 1]) -> `EncodeTabulard` (raw fields to
-the ``tabular`` vector) -> resize of the longest side and padding to a square -> augmentation (training only) ->
-float32 tensors.
+Pipelines: `LoadXrayd` (any supported file to a ``(1, H, W)`` image in [0, 1]) -> `AssessRiskd` (inference with a
+risk model only: the patient's tabular risk) -> `EncodeTabulard` (raw fields to the ``tabular`` vector) -> resize
+of the longest side and padding to a square -> augmentation (training only) -> float32 tensors.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -24,7 +25,16 @@ from monai.transforms import (
     Transform,
 )
 
-from ..constants import KEY_IMAGE, KEY_LABEL, KEY_PATIENT, KEY_TABULAR, RAW_TABULAR_KEYS
+from ..constants import (
+    KEY_CLINICAL,
+    KEY_IMAGE,
+    KEY_LABEL,
+    KEY_NAME,
+    KEY_PATIENT,
+    KEY_RISK,
+    KEY_TABULAR,
+    RAW_TABULAR_KEYS,
+)
 from .image_reader import read_xray
 from .tabular import TabularEncoder, is_missing
 from .unreadable import find_unreadable, placeholder
@@ -61,6 +71,20 @@ class LoadXrayd(MapTransform):
         return d
 
 
+class AssessRiskd(Transform):
+    """The patient's tabular risk (``assessor.assess``, e.g. `risk.assessment.PatientRiskAssessor`) from the item's
+    raw fields, stored under ``risk`` as JSON text (text collates into a batch whatever the assessment holds)."""
+
+    def __init__(self, assessor, output_key: str = KEY_RISK):
+        self.assessor = assessor
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        d[self.output_key] = json.dumps(self.assessor.assess(d, where=f"image '{d.get(KEY_NAME)}'"))
+        return d
+
+
 class EncodeTabulard(Transform):
     """Encode the raw fields (age, sex, view, follow-up) into ``tabular`` with a fitted `TabularEncoder`.
 
@@ -75,13 +99,16 @@ class EncodeTabulard(Transform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         d[self.output_key] = torch.from_numpy(self.encoder.encode(d))
-        for key in (*RAW_TABULAR_KEYS, KEY_PATIENT):
+        for key in (*RAW_TABULAR_KEYS, KEY_PATIENT, KEY_CLINICAL):
             d.pop(key, None)
         return d
 
 
-def xray_transforms(encoder: TabularEncoder, image_size: int, train: bool = False, with_label: bool = True) -> Compose:
-    """The preprocessing of one workflow: load, encode tabular, resize/pad to ``image_size``, augment if ``train``.
+def xray_transforms(
+    encoder: TabularEncoder, image_size: int, train: bool = False, with_label: bool = True, risk=None
+) -> Compose:
+    """The preprocessing of one workflow: load, assess the tabular risk (with a ``risk`` assessor), encode tabular,
+    resize/pad to ``image_size``, augment if ``train``.
 
     Augmentation is a mild random affine (rotation up to 10 degrees, scaling 0.9-1.1, shifts up to 5%), applied
     with probability 0.5; no flips, since left and right carry anatomical meaning in chest X-rays.
@@ -91,6 +118,7 @@ def xray_transforms(encoder: TabularEncoder, image_size: int, train: bool = Fals
     keys = [KEY_IMAGE, KEY_TABULAR] + ([KEY_LABEL] if with_label else [])
     steps = [
         LoadXrayd(KEY_IMAGE),
+        *([AssessRiskd(risk)] if risk is not None else []),
         EncodeTabulard(encoder),
         Resized(KEY_IMAGE, spatial_size=int(image_size), size_mode="longest", mode="area"),
         ResizeWithPadOrCropd(KEY_IMAGE, spatial_size=(int(image_size), int(image_size))),

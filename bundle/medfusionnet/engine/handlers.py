@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -13,7 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import IgniteMetricHandler, from_engine
 
-from ..constants import KEY_IMAGE, KEY_LABEL, KEY_NAME, KEY_PRED, LABELS
+from ..constants import KEY_IMAGE, KEY_LABEL, KEY_NAME, KEY_PRED, KEY_RISK, LABELS
 from ..distributed import gather_objects, is_main_process
 from ..evaluation.calibration import TemperatureScaling
 from ..evaluation.decision import RiskTierRule, decision_document
@@ -113,6 +114,7 @@ class _OutputCollector(ABC):
                     str(item[KEY_NAME]),
                     out[KEY_PRED].detach().float().cpu().numpy().reshape(-1),
                     None if label is None else torch.as_tensor(label).float().cpu().numpy().reshape(-1),
+                    item.get(KEY_RISK),
                 )
             )
 
@@ -131,7 +133,7 @@ class _OutputCollector(ABC):
 
     @abstractmethod
     def write(self, engine: Engine, rows: list) -> None:
-        """Write the gathered rows (name, probabilities, label)."""
+        """Write the gathered rows (name, probabilities, label, tabular risk JSON or None)."""
 
 
 class MetricsReport(_OutputCollector):
@@ -243,6 +245,8 @@ class DecisionWriter(_OutputCollector):
         calibration: a fitted `calibration.TemperatureScaling`, or None.
         rule: the `decision.RiskTierRule` (default: pneumothorax or two findings -> high).
         labels: finding names.
+        risk: the `risk.assessment.PatientRiskAssessor` whose assessments the transforms stored (`AssessRiskd`), or
+            None: each image then also gets the patient's tabular risk and the combined tier.
         trained_on: the provenance of the model's training data (``run_settings.json``'s ``data``), written into
             ``decisions.json``; a model trained on the synthetic demo set is named in a warning.
     """
@@ -255,8 +259,10 @@ class DecisionWriter(_OutputCollector):
         rule: RiskTierRule | None = None,
         labels: Sequence[str] = LABELS,
         trained_on: dict | None = None,
+        risk=None,
     ):
         super().__init__(labels)
+        self.risk = risk
         self.trained_on = dict(trained_on or {})
         if self.trained_on.get("synthetic"):
             logger.warning(
@@ -277,9 +283,12 @@ class DecisionWriter(_OutputCollector):
     def write(self, engine: Engine, rows: list, skipped: Sequence[dict] = ()) -> None:
         """Write both files, images sorted by name, the unreadable ones last."""
         probs = np.stack([r[1] for r in rows]) if rows else np.zeros((0, len(self.labels)))
+        risks = {r[0]: json.loads(r[3]) for r in rows if r[3] is not None} if self.risk is not None else None
         document = decision_document(
-            [r[0] for r in rows], probs, self.thresholds, self.rule, self.calibration, skipped, self.labels
+            [r[0] for r in rows], probs, self.thresholds, self.rule, self.calibration, skipped, self.labels, risks
         )
+        if self.risk is not None:
+            document["risk_model"] = self.risk.describe()
         document["model_trained_on"] = self.trained_on
         path = write_decisions(self.output_dir, document, self.labels)
         logger.info(

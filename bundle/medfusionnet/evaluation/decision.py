@@ -1,7 +1,8 @@
 """Decision support on top of the 14 probabilities: per-finding decisions at the saved thresholds, a risk tier
 (`RiskTierRule`: ``high`` when an urgent finding, by default pneumothorax, or ``high_risk_count`` findings cross
 their thresholds, ``medium`` when any finding does, ``low`` otherwise), and the per-image decision document that
-inference writes (`decision_document`)."""
+inference writes (`decision_document`), with the patient's tabular risk and the combined tier (`combine_tiers`)
+where the bundle has a risk model."""
 
 from __future__ import annotations
 
@@ -13,6 +14,17 @@ from ..constants import LABELS, RISK_LEVELS
 from .calibration import TemperatureScaling, probabilities_to_logits
 
 URGENT_FINDINGS: tuple[str, ...] = ("Pneumothorax",)
+COMBINED_RULE = (
+    "combined tier: the higher of the image tier and the tabular risk level (the highest level over the risk "
+    "model's outcomes); the image tier alone when the patient has no tabular data the risk model reads"
+)
+
+
+def combine_tiers(image_tier: str, tabular_level: str | None) -> str:
+    """The higher of the two levels (`constants.RISK_LEVELS` order); ``image_tier`` alone without a tabular level."""
+    if tabular_level is None:
+        return image_tier
+    return max(image_tier, tabular_level, key=RISK_LEVELS.index)
 
 
 class RiskTierRule:
@@ -60,6 +72,7 @@ def decision_document(
     calibration: TemperatureScaling | None = None,
     skipped: Sequence[dict] = (),
     labels: Sequence[str] = LABELS,
+    risks: dict | None = None,
 ) -> dict:
     """The decisions of a set of images, as inference writes them to ``decisions.json``.
 
@@ -68,6 +81,11 @@ def decision_document(
     listed on the scale of the reported probabilities, so a decision is true exactly when the reported probability
     reaches its threshold. ``skipped`` (marks of `data.unreadable`, each with ``name`` and ``error``) follow with
     status ``unreadable`` and the reader's error.
+
+    With ``risks`` (``{name: assessment}`` of `risk.assessment.PatientRiskAssessor`, from a bundle with a risk
+    model) every image also gets ``tabular_risk`` (the assessment: level, probability and fired rules per outcome)
+    and ``combined_tier`` (`combine_tiers` of the tier and the tabular level), and the document
+    the combining rule.
     """
     thresholds = np.asarray(thresholds, dtype=float)
     probs = np.asarray(probs, dtype=float).reshape(len(names), len(labels))
@@ -85,13 +103,21 @@ def decision_document(
         }
         for i in order
     ]
+    if risks is not None:
+        for item in images:
+            risk = risks.get(item["image"], {"status": "no tabular data"})
+            item["tabular_risk"] = risk
+            item["combined_tier"] = combine_tiers(item["tier"], risk.get("level"))
     images += [{"image": mark["name"], "status": "unreadable", "error": mark["error"]} for mark in skipped]
     shown_thresholds = (
         calibration.transform(probabilities_to_logits(thresholds[None]))[0] if calibration else thresholds
     )
-    return {
+    document = {
         "rule": rule.describe(),
         "calibrated": calibration is not None,
         "thresholds": {label: round(float(t), 6) for label, t in zip(labels, shown_thresholds)},
         "images": images,
     }
+    if risks is not None:
+        document["combined_rule"] = COMBINED_RULE
+    return document

@@ -104,21 +104,25 @@ def write_predictions_csv(path: str, names: Sequence[str], probs: np.ndarray, la
 
 def write_decisions(output_dir: str, document: dict, labels: Sequence[str] = LABELS) -> str:
     """Write ``decisions.json`` (the document itself) and ``decisions.csv`` (one row per image: status, tier,
-    positive findings, reader's error, probabilities, decisions) under ``output_dir``; returns the CSV's path."""
+    positive findings, reader's error, probabilities, decisions; with a risk model also the tabular risk level and
+    the combined tier) under ``output_dir``; returns the CSV's path."""
     os.makedirs(output_dir, exist_ok=True)
     write_json_atomic(os.path.join(output_dir, "decisions.json"), document)
     path = os.path.join(output_dir, "decisions.csv")
+    with_risk = "combined_rule" in document
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        header = ["Image Index", "status", "tier", "findings", "error", *labels]
-        writer.writerow(header + [f"{label}_decision" for label in labels])
+        header = ["Image Index", "status", "tier", *(["tabular_level", "combined_tier"] if with_risk else [])]
+        writer.writerow(header + ["findings", "error", *labels, *(f"{label}_decision" for label in labels)])
         for item in document["images"]:
             if item["status"] == "ok":
+                risk = [item["tabular_risk"].get("level", ""), item["combined_tier"]] if with_risk else []
                 writer.writerow(
                     [
                         item["image"],
                         "ok",
                         item["tier"],
+                        *risk,
                         "|".join(item["findings"]),
                         "",
                         *(f"{item['probabilities'][label]:.6f}" for label in labels),
@@ -126,7 +130,8 @@ def write_decisions(output_dir: str, document: dict, labels: Sequence[str] = LAB
                     ]
                 )
             else:
-                writer.writerow([item["image"], item["status"], "", "", item["error"], *[""] * (2 * len(labels))])
+                blanks = [""] * (len(header) - 2)
+                writer.writerow([item["image"], item["status"], *blanks, "", item["error"], *[""] * (2 * len(labels))])
     return path
 
 
