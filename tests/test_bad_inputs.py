@@ -108,7 +108,9 @@ def test_csv_ages_0_412_nan_and_text_reach_the_encoding_as_documented(tmp_path, 
     assert "3 row(s) have an unparseable or implausible 'Patient Age' (e.g. line 3: '412')" in caplog.text
     encoded = [_features(encoder, row) for row in frame.to_dict("records")]
     assert [e["age_missing"] for e in encoded] == [0, 1, 1, 1, 1, 0]
-    assert encoded[0]["age"] == pytest.approx((0 - encoder.age_mean_) / encoder.age_std_)  # 0 is a real age
+    assert encoded[0]["age"] == pytest.approx(
+        (0 - encoder.stats_["age"]["mean"]) / encoder.stats_["age"]["std"]
+    )  # 0 is a real age
     assert all(e["age"] == 0 for e in encoded[1:5])  # missing: no made-up value
 
 

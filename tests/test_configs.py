@@ -32,7 +32,8 @@ def test_train_and_inference_share_one_section_word_for_word():
         whole = _load(name)
         assert all(whole[k] == v for k, v in train.items())
     trained, default = _load("train.yaml")["network_args"], _load("inference.yaml")["default_network_args"]
-    trained["medfusionnet"]["label_counts"] = None
+    trained["medfusionnet"]["label_counts"] = trained["medfusionnet"]["tabular_fields"] = None  # learned in training
+    trained["num_tabular_features"] = default["num_tabular_features"]
     assert trained == default  # an untrained inference run builds the same network
 
 

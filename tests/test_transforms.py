@@ -35,7 +35,7 @@ def test_dicom_header_feeds_tabular(dicom_files, encoder):
         assert tab[1] == 0 and tab[2] == 1  # age present, sex M
     siim = next(i for i in items if i["name"].startswith("1.2.276"))
     assert siim["tabular"][5] == 1  # view PA from the header
-    assert siim["tabular"][0] == pytest.approx((62 - encoder.age_mean_) / encoder.age_std_)
+    assert siim["tabular"][0] == pytest.approx((62 - encoder.stats_["age"]["mean"]) / encoder.stats_["age"]["std"])
 
 
 def test_non_square_image_is_padded_not_distorted(tmp_path, encoder):

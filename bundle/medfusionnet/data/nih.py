@@ -35,6 +35,7 @@ from ..constants import (
     KEY_VIEW,
     LABELS,
     NO_FINDING,
+    RAW_TABULAR_KEYS,
     REQUIRED_COLUMNS,
     SEX_CATEGORIES,
     VIEW_CATEGORIES,
@@ -304,7 +305,7 @@ def folder_records(input_dir: str, tabular_csv: str | None = None) -> list[dict]
     paths = sorted(
         os.path.join(root, f) for root, _, files in os.walk(input_dir) for f in files if image_reader.is_supported(f)
     )
-    records = _with_tabular([{KEY_IMAGE: p, KEY_NAME: os.path.relpath(p, input_dir)} for p in paths], tabular_csv)
+    records = join_tabular_csv([{KEY_IMAGE: p, KEY_NAME: os.path.relpath(p, input_dir)} for p in paths], tabular_csv)
     logger.info("found %d image file(s) under %s", len(records), input_dir)
     return records
 
@@ -331,7 +332,7 @@ def datalist_records(datalist: str, tabular_csv: str | None = None, key: str = "
             raise ValueError(f"{datalist}: item {i} has no '{KEY_IMAGE}' path")
         path = image if os.path.isabs(image) else os.path.join(base, image)
         records.append({**item, KEY_IMAGE: path, KEY_NAME: item.get(KEY_NAME) or image})
-    return _with_tabular(records, tabular_csv)
+    return join_tabular_csv(records, tabular_csv)
 
 
 def inference_records(
@@ -345,41 +346,56 @@ def inference_records(
     return folder_records(input_dir, tabular_csv)
 
 
-def _with_tabular(records: list[dict], tabular_csv: str | None) -> list[dict]:
-    """``records`` with the tabular fields of their ``tabular_csv`` row (matched on the file name) where absent, and
-    the row's other columns under ``clinical`` (read by a risk model); a warning counts the images that have no
-    row."""
+def join_tabular_csv(records: list[dict], tabular_csv: str | None) -> list[dict]:
+    """``records`` with the fields of their ``tabular_csv`` row: NIH's age / sex / view / follow-up columns where the
+    record has none, and every other column under ``clinical`` (declared ``tabular_fields`` and the risk model read
+    them by column name).
+
+    Rows are matched on ``Image Index`` (the file name) when the CSV has that column, else on ``Patient ID``; a
+    warning counts the records without a row.
+
+    Raises:
+        ValueError: naming the file when it has neither key column, and the lines of a key listed twice.
+    """
     if not tabular_csv:
         return records
     table = pd.read_csv(tabular_csv, dtype=str, keep_default_na=False)
-    if COL_IMAGE not in table.columns:
-        raise ValueError(f"{tabular_csv}: missing required column '{COL_IMAGE}'; found {list(table.columns)}")
+    table.columns = [str(c).strip() for c in table.columns]
+    key = COL_IMAGE if COL_IMAGE in table.columns else COL_PATIENT if COL_PATIENT in table.columns else None
+    if key is None:
+        raise ValueError(
+            f"{tabular_csv}: needs a '{COL_IMAGE}' or '{COL_PATIENT}' column to match rows to images; "
+            f"found {list(table.columns)}"
+        )
     warn_unusable_fields(tabular_csv, table)
-    nih_columns = {COL_IMAGE, COL_AGE, COL_SEX, COL_VIEW, COL_FOLLOW_UP}
-    others = [c for c in table.columns if c not in nih_columns]
+    keys = table[key].str.strip()
+    repeated = keys[keys.duplicated(keep=False)]
+    if len(repeated):
+        lines = [int(i) + 2 for i in repeated.index[:2]]
+        raise ValueError(f"{tabular_csv}: lines {lines[0]} and {lines[1]}: '{key}' {repeated.iloc[0]!r} listed twice")
+    nih = {COL_AGE: KEY_AGE, COL_SEX: KEY_SEX, COL_VIEW: KEY_VIEW, COL_FOLLOW_UP: KEY_FOLLOW_UP}
+    others = [c for c in table.columns if c not in nih and c not in (COL_IMAGE, COL_PATIENT)]
     rows = {
-        r[COL_IMAGE].strip(): {
-            KEY_AGE: r.get(COL_AGE),
-            KEY_SEX: r.get(COL_SEX),
-            KEY_VIEW: r.get(COL_VIEW),
-            KEY_FOLLOW_UP: r.get(COL_FOLLOW_UP),
-            KEY_CLINICAL: {c: r[c] for c in others},
-        }
-        for _, r in table.iterrows()
+        k: {**{nih[c]: r[c] for c in nih if c in table.columns}, KEY_CLINICAL: {c: r[c] for c in others}}
+        for k, (_, r) in zip(keys, table.iterrows())
     }
     out, unmatched = [], []
     for record in records:
         name = str(record[KEY_NAME])
-        row = rows.get(os.path.basename(str(record[KEY_IMAGE])), rows.get(name))
+        if key == COL_IMAGE:
+            row = rows.get(os.path.basename(str(record[KEY_IMAGE])), rows.get(name))
+        else:
+            row = rows.get(str(record.get(KEY_PATIENT) or "").strip())
         if row is None:
             unmatched.append(name)
         out.append({**(row or {}), **{k: v for k, v in record.items() if v is not None}})
     if unmatched:
         logger.warning(
-            "%d image(s) have no row in %s (e.g. %s); their tabular fields come from the DICOM header "
-            "or are encoded as missing",
+            "%d image(s) have no row in %s (matched on '%s'; e.g. %s); their tabular fields come from the DICOM "
+            "header or are encoded as missing",
             len(unmatched),
             tabular_csv,
+            key,
             unmatched[0],
         )
     return out
@@ -436,6 +452,9 @@ def prepare_datasets(
     output_dir: str | None = None,
     demo_dir: str = "demo_data",
     tabular_encoder_path: str | None = None,
+    tabular_fields=None,
+    tabular_csv: str | None = None,
+    risk_model: str | None = None,
 ) -> PreparedData:
     """Read, split and list a dataset; fit (or load) the tabular encoder.
 
@@ -443,9 +462,13 @@ def prepare_datasets(
     CSVs' rows are joined (`read_nih_csvs`) and each image is read from the first folder holding it, so sets such as
     NIH's 256 px images and a folder of thumbnails train as one.
     With ``dataset_dir=None`` a synthetic NIH-format demo set is generated once into ``demo_dir`` and used.
-    The encoder is loaded from ``tabular_encoder_path`` when that file exists (evaluation and inference), else fitted
-    on the training records and, when ``output_dir`` is given, saved there as ``tabular_encoder.json`` along with
-    ``label_counts.json`` (training positives per finding).
+    The encoder is loaded from ``tabular_encoder_path`` when that file exists (evaluation and inference), else built
+    from ``tabular_fields`` (the config's declaration; None: NIH's four fields), fitted on the training records and,
+    when ``output_dir`` is given, saved there as ``tabular_encoder.json`` along with ``label_counts.json`` (training
+    positives per finding). ``tabular_csv`` adds patient columns to every record (`join_tabular_csv`).
+    With ``risk_model`` (a `risk.two_stage.save_models` JSON) the fields are instead the risk model's fields behind
+    its stage-1 selected features, plus one token of its stage-2 probabilities (`TabularEncoder.for_risk_model`);
+    the encoder JSON embeds the risk model, and a copy is saved as ``risk_model.json`` for inference's report.
     """
     synthetic = dataset_dir is None
     if synthetic:
@@ -475,6 +498,7 @@ def prepare_datasets(
     lists, missing = {}, []
     for name, part in parts.items():
         lists[name], lost = frame_to_records(part, folders)
+        lists[name] = join_tabular_csv(lists[name], tabular_csv)
         missing += lost
     if missing:
         logger.warning(
@@ -493,12 +517,24 @@ def prepare_datasets(
     logger.info("images: %s", ", ".join(f"{k} {len(v)}" for k, v in lists.items()))
     if tabular_encoder_path and os.path.isfile(tabular_encoder_path):
         encoder = TabularEncoder.load(tabular_encoder_path)
+    elif risk_model:
+        encoder = TabularEncoder.for_risk_model(risk_model).fit(lists["train"])
+        logger.info(
+            "tabular input from the risk model %s: fields %s and the stage-2 probabilities of %s",
+            risk_model,
+            [f.name for f in encoder.fields],
+            list(encoder.risk.models),
+        )
     else:
-        encoder = TabularEncoder().fit(lists["train"])
+        encoder = TabularEncoder(tabular_fields).fit(lists["train"])
+    for name, records in lists.items():  # NIH's own columns were checked line by line when the CSV was read
+        encoder.report_invalid(records, f"{name} split", skip=RAW_TABULAR_KEYS)
     counts = np.sum([r[KEY_LABEL] for r in lists["train"]], axis=0).astype(int).tolist()
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         encoder.save(os.path.join(output_dir, "tabular_encoder.json"))
+        if encoder.risk_model is not None:
+            write_json_atomic(os.path.join(output_dir, "risk_model.json"), encoder.risk_model)
         summary = {"num_train": len(lists["train"]), "positives": dict(zip(LABELS, counts))}
         write_json_atomic(os.path.join(output_dir, "label_counts.json"), summary)
     provenance = {

@@ -86,10 +86,11 @@ class AssessRiskd(Transform):
 
 
 class EncodeTabulard(Transform):
-    """Encode the raw fields (age, sex, view, follow-up) into ``tabular`` with a fitted `TabularEncoder`.
+    """Encode the declared raw fields (NIH's age, sex, view, follow-up by default) into ``tabular`` with a fitted
+    `TabularEncoder`.
 
-    The raw fields and the patient id are removed afterwards: they may be missing (None) in some items, which the
-    batch collation cannot stack.
+    The raw fields, the ``clinical`` columns and the patient id are removed afterwards: they may be missing (None) in
+    some items, which the batch collation cannot stack.
     """
 
     def __init__(self, encoder: TabularEncoder, output_key: str = KEY_TABULAR):
@@ -99,7 +100,7 @@ class EncodeTabulard(Transform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         d[self.output_key] = torch.from_numpy(self.encoder.encode(d))
-        for key in (*RAW_TABULAR_KEYS, KEY_PATIENT, KEY_CLINICAL):
+        for key in (*RAW_TABULAR_KEYS, *(f.name for f in self.encoder.fields), KEY_PATIENT, KEY_CLINICAL):
             d.pop(key, None)
         return d
 

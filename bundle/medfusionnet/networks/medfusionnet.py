@@ -14,7 +14,7 @@ from monai.networks.blocks import FeaturePyramidNetwork
 from monai.networks.nets import DenseNet
 from torch import nn
 
-from ..data.tabular import FEATURE_NAMES, NUM_TABULAR_FEATURES, missing_tabular_vector
+from ..data.tabular import NIH_FIELDS, NUM_TABULAR_FEATURES, field_slices, missing_tabular_vector
 from .baselines import LateFusionHead
 from .blocks import (
     ConvToTokens,
@@ -67,16 +67,11 @@ SIZES: Dict[str, dict] = {
 
 
 def nih_tabular_fields(num_tabular_features: int) -> List[Tuple[int, int, int]]:
-    """Field slices ``(start, end, missing_index)`` of the encoded tabular vector: age, sex, view and follow-up for
-    the bundle's own encoding (`tabular.FEATURE_NAMES`), else one field per feature without a missing flag."""
+    """Field slices ``(start, end, missing_index)`` of the encoded tabular vector when none are given: the NIH fields
+    (`tabular.NIH_FIELDS`) for their encoding's length, else one field per feature without a missing flag."""
     if num_tabular_features != NUM_TABULAR_FEATURES:
         return [(i, i + 1, -1) for i in range(num_tabular_features)]
-    fields, start = [], 0
-    for i, name in enumerate(FEATURE_NAMES):
-        if name.endswith("_missing"):
-            fields.append((start, i + 1, i))
-            start = i + 1
-    return fields
+    return field_slices(NIH_FIELDS)
 
 
 class HybridStage(nn.Module):
@@ -174,6 +169,8 @@ class MedFusionNet(nn.Module):
             gate (needs the CNN branch); False gives the fusion's logits alone.
         deep_supervision: in training mode, return ``(B, 3, K)``: the logits, the baseline path's and the fusion's,
             for `losses.BranchSupervisionLoss`; evaluation mode always returns ``(B, K)``.
+        tabular_fields: ``(start, end, missing_index)`` per declared field of the encoding
+            (`TabularEncoder.field_slices`), one tabular token each; None: the NIH fields for their encoding's length.
         label_counts: training positives per label, for the reweighting prior (None: gains start at 1).
         image_size: input size the position embeddings are learned for (others are interpolated).
         patch_size: patch size on the stem's stride-4 map: 8 gives stride-32 tokens (7 x 7 at 224 px, the grid of
@@ -207,6 +204,7 @@ class MedFusionNet(nn.Module):
         drop_path_rate: float = 0.1,
         baseline_path: bool = True,
         deep_supervision: bool = False,
+        tabular_fields: Optional[Sequence[Sequence[int]]] = None,
     ):
         super().__init__()
         if network_size not in SIZES:
@@ -315,8 +313,15 @@ class MedFusionNet(nn.Module):
         nn.init.trunc_normal_(self.level_embed, std=0.02)
 
         # tabular tokens, one per field (eq. 15)
-        self.tabular_tokens = TabularTokenizer(nih_tabular_fields(num_tabular_features), dim) if use_tabular else None
-        missing = torch.from_numpy(missing_tabular_vector(num_tabular_features))
+        fields = (
+            [tuple(int(v) for v in f) for f in tabular_fields]
+            if tabular_fields
+            else nih_tabular_fields(num_tabular_features)
+        )
+        if max(end for _, end, _ in fields) > num_tabular_features:
+            raise ValueError(f"tabular_fields {fields} reach past num_tabular_features={num_tabular_features}")
+        self.tabular_tokens = TabularTokenizer(fields, dim) if use_tabular else None
+        missing = torch.from_numpy(missing_tabular_vector(num_tabular_features, fields))
         self.register_buffer("missing_tabular", missing, persistent=False)
         num_groups = num_levels + (1 if use_tabular else 0)
 
