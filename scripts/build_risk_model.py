@@ -37,6 +37,7 @@ from sklearn.tree import plot_tree
 
 from medfusionnet.constants import LABELS  # noqa: E402
 from medfusionnet.data.nih import read_nih_csv  # noqa: E402
+from medfusionnet.data.tabular import NIH_FIELDS  # noqa: E402
 from medfusionnet.evaluation.comparison import plot_mean_ranks, rank_lines, rank_statistics  # noqa: E402
 from medfusionnet.files import outputs_line  # noqa: E402
 from medfusionnet.files import write_json_atomic  # noqa: E402
@@ -313,7 +314,8 @@ def main(argv=None) -> int:
         patients["factor_unknown"] = levels["unknown"].to_numpy()
         factor_rates = {o: two_stage.rates_by_level(levels["level"], y_table[o]) for o in y_table.columns}
         print(f"rule-based risk levels: {rule.describe()}")
-    two_stage.save_models(os.path.join(args.output_dir, "model.json"), models, args.with_screening, bins)
+    fields = NIH_FIELDS if args.nih else None  # None: each CSV column is a numeric field of its own name
+    two_stage.save_models(os.path.join(args.output_dir, "model.json"), models, args.with_screening, bins, fields)
     patients.to_csv(os.path.join(args.output_dir, "patients.csv"), index=False)
     cv = cv_table(results)
     cv.to_csv(os.path.join(args.output_dir, "cv_results.csv"), index=False)

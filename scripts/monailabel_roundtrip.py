@@ -66,12 +66,14 @@ def nih_risk_model(labels_csv: str, path: str, outcomes=("Effusion", "Infiltrati
     tabular fields ``{name: {"age", "sex", "view", "follow_up"}}`` as a PACS header would give them."""
     sys.path.insert(0, os.path.join(REPO, "bundle"))
     from medfusionnet.data.nih import read_nih_csv
+    from medfusionnet.data.tabular import NIH_FIELDS
     from medfusionnet.risk import two_stage
 
     frame = read_nih_csv(labels_csv)
     x, y_table = two_stage.nih_tables(frame)
     params = {**two_stage.FOREST_PARAMS, "n_estimators": 20}
-    two_stage.save_models(path, {o: two_stage.TwoStageRiskModel(**params).fit(x, y_table[o]) for o in outcomes})
+    models = {o: two_stage.TwoStageRiskModel(**params).fit(x, y_table[o]) for o in outcomes}
+    two_stage.save_models(path, models, tabular_fields=NIH_FIELDS)
     columns = ["age", "sex", "view", "follow_up"]
     return {r["name"]: {c: str(r[c]) for c in columns} for r in frame[["name", *columns]].to_dict("records")}
 

@@ -56,6 +56,7 @@ RUN_FILES = (
     "calibration.json",
     "label_counts.json",
     "metrics.json",
+    "risk_model.json",  # a run trained with --risk_model: its copy for inference's tabular risk report
 )
 REQUIRED_RUN_FILES = ("model.pt", "run_settings.json", "tabular_encoder.json")
 RISK_MODEL_FILE = "risk_model.json"  # in models/, beside the network
@@ -85,6 +86,13 @@ def package(model_dir: str, output_dir: str, name: str = NAME, weights_url: str 
         if not os.path.isfile(risk_model):
             raise FileNotFoundError(f"--risk_model {risk_model} does not exist; give build_risk_model.py's model.json")
         load_models(risk_model)  # checked before anything is written
+        if os.path.isfile(os.path.join(model_dir, RISK_MODEL_FILE)):
+            logger.warning(
+                "%s was trained with a risk model of its own, which stays embedded in its tabular encoding; the "
+                "decisions will report the risk of --risk_model %s instead",
+                model_dir,
+                risk_model,
+            )
     root = os.path.join(output_dir, name)
     if os.path.exists(root):
         shutil.rmtree(root)

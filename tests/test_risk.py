@@ -452,13 +452,14 @@ def _clinical_risk_model(tmp_path):
     y = ((x["Smokes"] == 1) & (x["age"] > 55)).astype(int).to_numpy()
     model = two_stage.TwoStageRiskModel(top_n=None).fit(x, y)
     path = tmp_path / "risk_model.json"
-    two_stage.save_models(path, {"Effusion": model})
+    fields = [{"name": "age", "parse": "age", "range": [0, 120]}, {"name": "Smokes", "kind": "binary"}]
+    two_stage.save_models(path, {"Effusion": model}, tabular_fields=fields)
     return path, two_stage.load_models(path)["Effusion"]
 
 
 def test_patient_risk_reads_nih_fields_and_clinical_columns(tmp_path):
     path, model = _clinical_risk_model(tmp_path)
-    assessor = PatientRiskAssessor(path)
+    assessor = PatientRiskAssessor.load(path)
     assert assessor.features == ["age", "Smokes"]
     record = {"age": "070Y", "sex": "F", "clinical": {"Smokes": "1", "Other": "x"}}
     result = assessor.assess(record)
@@ -476,8 +477,8 @@ def test_patient_risk_reads_nih_fields_and_clinical_columns(tmp_path):
     partial = assessor.assess({"age": 70, "clinical": {"Smokes": "?"}})
     assert partial["unknown"] == ["Smokes"] and not any("Smokes" in r for r in partial["outcomes"]["Effusion"]["rules"])
     assert assessor.assess({"name": "a.png"}) == {"status": "no tabular data", "unknown": ["age", "Smokes"]}
-    with pytest.raises(ValueError, match="image 'b.png': column 'Smokes': value 'often' is not a number"):
-        assessor.assess({"age": 40, "clinical": {"Smokes": "often"}}, where="image 'b.png'")
+    unusable = assessor.assess({"age": 40, "clinical": {"Smokes": "often"}}, where="image 'b.png'")
+    assert unusable["unknown"] == ["Smokes"] and unusable["invalid"] == {"Smokes": "'often' is not 0/1"}
     assert PatientRiskAssessor.load_if_present(tmp_path / "absent.json") is None
 
 

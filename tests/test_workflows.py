@@ -12,6 +12,7 @@ from conftest import REPO, require
 
 import medfusionnet
 from medfusionnet.data.nih import read_nih_csv
+from medfusionnet.data.tabular import NIH_FIELDS
 from medfusionnet.risk import two_stage
 
 
@@ -32,6 +33,12 @@ def train_on_demo(tmp_path, out, max_epochs, *overrides):
     """The training workflow on the demo set generated under ``tmp_path``, writing to ``out``; returns its log."""
     config = ["--config_file", "configs/train.yaml", "--output_dir", out, "--demo_dir", tmp_path / "demo"]
     return bundle("run", "training", *config, "--max_epochs", max_epochs, "--num_workers", 0, *overrides)
+
+
+def export_torchscript(out):
+    """``ckpt_export`` of the run in ``out`` to ``out/model.ts``, with the metadata and inference config embedded."""
+    ckpt = ["--ckpt_file", out / "model.pt", "--meta_file", "metadata.json", "--config_file", "configs/inference.yaml"]
+    bundle("ckpt_export", "network_def", "--filepath", out / "model.ts", *ckpt, "--output_dir", out)
 
 
 def nih_256(nih_dir):
@@ -139,20 +146,7 @@ def test_demo_train_evaluate_infer(tmp_path):
     assert f"this run writes to {out / 'inference'}_2" in log and (out / "inference_2" / "decisions.json").is_file()
 
     # TorchScript export of the trained model matches eager mode
-    bundle(
-        "ckpt_export",
-        "network_def",
-        "--filepath",
-        out / "model.ts",
-        "--ckpt_file",
-        out / "model.pt",
-        "--meta_file",
-        "metadata.json",
-        "--config_file",
-        "configs/inference.yaml",
-        "--output_dir",
-        out,
-    )
+    export_torchscript(out)
     scripted = torch.jit.load(str(out / "model.ts"))
     settings = json.loads((out / "run_settings.json").read_text())
     eager = medfusionnet.create_network(**settings["network_args"]).eval()
@@ -223,6 +217,14 @@ def test_networks_and_ablations_selected_by_overrides(tmp_path, overrides):
 
 @pytest.mark.slow
 def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
+    # the paper's pipeline: a risk model of the NIH metadata gives the network its tabular tokens (stage-1 features
+    # and stage-2 probabilities), and every later workflow rebuilds that input from the run folder alone
+    frame = read_nih_csv(nih_dir / "labels.csv")
+    x, y_table = two_stage.nih_tables(frame)
+    params = {**two_stage.FOREST_PARAMS, "n_estimators": 20, "top_n": 2}
+    risk = {o: two_stage.TwoStageRiskModel(**params).fit(x, y_table[o]) for o in ("Effusion", "Infiltration")}
+    two_stage.save_models(tmp_path / "risk_model.json", risk, tabular_fields=NIH_FIELDS)
+    expected_risk = dict(zip(frame["name"], risk["Effusion"].predict_proba(x)[:, 1]))
     out = tmp_path / "run"
     bundle(
         "run",
@@ -238,8 +240,16 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
         out,
         "--num_workers",
         0,
+        "--risk_model",
+        tmp_path / "risk_model.json",
     )
     metrics = _check_training_outputs(out)
+    settings = json.loads((out / "run_settings.json").read_text())
+    encoder = medfusionnet.TabularEncoder.load(str(out / "tabular_encoder.json"))
+    assert encoder.feature_names[-3:] == ["risk_Effusion", "risk_Infiltration", "risk_missing"]
+    assert settings["network_args"]["num_tabular_features"] == encoder.num_features
+    assert [tuple(f) for f in settings["network_args"]["medfusionnet"]["tabular_fields"]] == encoder.field_slices()
+    assert json.loads((out / "risk_model.json").read_text())["outcomes"].keys() == risk.keys()
     assert sum(v["auc"] is not None for v in metrics["per_class"].values()) >= 12
     bundle(
         "run",
@@ -278,13 +288,7 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
     )
     summary = json.loads((explain_dir / "summary.json").read_text())
     assert summary["localisation"]["gradcam:cnn"]["maps"] == 1 and "lrp:input" in summary["randomisation_check"]
-    # a risk model in the run folder: every decision also gets the patient's tabular risk and the combined tier
-    frame = read_nih_csv(nih_dir / "labels.csv")
-    x, y_table = two_stage.nih_tables(frame)
-    params = {**two_stage.FOREST_PARAMS, "n_estimators": 20}
-    risk = {o: two_stage.TwoStageRiskModel(**params).fit(x, y_table[o]) for o in ("Effusion", "Infiltration")}
-    two_stage.save_models(out / "risk_model.json", risk)
-    expected_risk = dict(zip(frame["name"], risk["Effusion"].predict_proba(x)[:, 1]))
+    # the run's risk model: every decision also gets the patient's tabular risk and the combined tier
     for folder, expected in ((nih_dir / "images_full", 150), (dicom_files[0].parent, 2)):
         infer_dir = tmp_path / folder.name
         bundle(
@@ -317,6 +321,18 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
                 assert probability == pytest.approx(expected_risk[item["image"]], abs=1e-6)
         assert list(rows[0])[1:] == list(medfusionnet.LABELS)
         assert all(0 <= float(r[label]) <= 1 for r in rows for label in medfusionnet.LABELS)
+    # TorchScript export and the zoo package of the run with the risk model's input
+    export_torchscript(out)
+    scripted, eager = torch.jit.load(str(out / "model.ts")), medfusionnet.create_network(**settings["network_args"])
+    eager.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    image = torch.rand(2, 1, 64, 64)
+    tabular = torch.from_numpy(encoder.transform(frame.to_dict("records")[:2]))
+    with torch.no_grad():
+        assert (scripted(image, tabular) - eager.eval()(image, tabular)).abs().max() < 1e-4
+    zipped = _script("package_bundle").package(str(out), str(tmp_path / "dist"))
+    assert os.path.isfile(zipped)
+    packaged = tmp_path / "dist" / _script("package_bundle").NAME / "models"
+    assert (packaged / "risk_model.json").is_file() and (packaged / "tabular_encoder.json").is_file()
 
 
 @pytest.mark.slow

@@ -1,15 +1,16 @@
 """Per-patient tabular risk next to the image findings: the saved two-stage risk model (``models/risk_model.json``
 of a packaged bundle, or any ``build_risk_model.py`` output) applied to one image's patient fields.
 
-A patient's fields come from the image's record: NIH's age / sex / view / follow-up (from ``tabular_csv`` or the
-DICOM header) give the NIH risk model's features ``age``, ``sex_M``, ``view_PA`` and ``follow_up``; any other
-feature is read by its column name from the extra ``tabular_csv`` columns (``clinical`` in the record). The
+A patient's fields come from the image's record (NIH's age / sex / view / follow-up from ``tabular_csv`` or the
+DICOM header; other columns of ``tabular_csv`` under ``clinical``), parsed by the risk model's declared
+``tabular_fields`` with the network's own `data.tabular.TabularEncoder`. The
 combined tier of an image is the higher of its image tier and the patient's tabular risk level
 (`evaluation.decision.combine_tiers`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -18,66 +19,67 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from ..constants import KEY_AGE, KEY_CLINICAL, KEY_FOLLOW_UP, KEY_SEX, KEY_VIEW, RISK_LEVELS
-from ..data.tabular import is_missing, parse_age, parse_follow_up, parse_sex, parse_view
+from ..constants import RISK_LEVELS
+from ..data.tabular import TabularEncoder, parse_fields
 from ..evaluation.decision import COMBINED_RULE
-from .two_stage import load_models
+from .two_stage import models_from_document
 
 logger = logging.getLogger(__name__)
-
-
-def nih_risk_features(record: Mapping) -> dict:
-    """The NIH risk model's features of one record: ``age`` (years), ``sex_M`` and ``view_PA`` (1 / 0), ``follow_up``;
-    NaN where missing, as `two_stage.nih_tables` encodes them."""
-    sex, view = parse_sex(record.get(KEY_SEX)), parse_view(record.get(KEY_VIEW))
-    return {
-        "age": parse_age(record.get(KEY_AGE)),
-        "sex_M": float("nan") if sex is None else float(sex == "M"),
-        "view_PA": float("nan") if view is None else float(view == "PA"),
-        "follow_up": parse_follow_up(record.get(KEY_FOLLOW_UP)),
-    }
-
-
-def _number(value, column: str, where: str) -> float:
-    if is_missing(value):
-        return float("nan")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{where}: column '{column}': value '{value}' is not a number; the risk model reads it as a number"
-        ) from None
-    return number if math.isfinite(number) else float("nan")
 
 
 class PatientRiskAssessor:
     """Risk level, probability and fired stage-1 rules per outcome of a saved two-stage risk model, for one patient.
 
     Args:
-        path: the risk model JSON (`two_stage.save_models`).
+        document: the parsed risk model JSON (`two_stage.save_models`); `load` reads a file.
+        where: the file it came from, for error messages and ``decisions.json``.
     """
 
-    def __init__(self, path: str):
-        self.path = str(path)
-        self.models = load_models(path)
+    def __init__(self, document: Mapping, where: str = "risk model"):
+        self.where = str(where)
+        self.document = document
+        self.models = models_from_document(document, where)
+        fields = document.get("tabular_fields")
+        if not fields:
+            raise ValueError(f"{where}: the risk model declares no 'tabular_fields'; rebuild it with this version")
+        self.encoder = TabularEncoder(parse_fields(fields, f"{where}: tabular_fields"))
         self.features = list(dict.fromkeys(f for m in self.models.values() for f in m.feature_names_in_))
+        absent = [f for f in self.features if f not in self.encoder.frame([]).columns]
+        if absent:
+            raise ValueError(f"{where}: the models read {absent}, which its tabular_fields do not produce")
+
+    @classmethod
+    def load(cls, path: str) -> PatientRiskAssessor:
+        """The assessor of a risk model JSON file (`two_stage.save_models`)."""
+        with open(path) as f:
+            return cls(json.load(f), str(path))
 
     @classmethod
     def load_if_present(cls, path: str | None) -> PatientRiskAssessor | None:
         """An assessor for ``path``, or None when ``path`` is None or no file is there (a bundle without one)."""
         if not path or not os.path.isfile(path):
             return None
-        return cls(path)
+        return cls.load(path)
 
-    def features_of(self, record: Mapping, where: str = "record") -> dict:
-        """``{feature: value}`` (NaN when missing) of the risk model's input features for one record.
+    def features_of(self, record: Mapping) -> dict:
+        """``{feature: value}`` (NaN when missing or unusable) of the risk model's input features for one record:
+        the declared fields' parse (`data.tabular.TabularEncoder.frame`), the network's own."""
+        row = self.encoder.frame([record]).iloc[0]
+        return {f: float(row[f]) for f in self.features}
 
-        Raises:
-            ValueError: naming ``where`` and the column when a value is not a number.
-        """
-        nih = nih_risk_features(record)
-        clinical = record.get(KEY_CLINICAL) or {}
-        return {f: nih[f] if f in nih else _number(clinical.get(f), f, where) for f in self.features}
+    def probabilities(self, record: Mapping) -> np.ndarray | None:
+        """Stage-2 probability per outcome (in `models` order), or None when none of the features is present."""
+        values = self.features_of(record)
+        if all(math.isnan(v) for v in values.values()):
+            return None
+        return np.array([self._probability(m, values) for m in self.models.values()], dtype=np.float64)
+
+    @staticmethod
+    def _frame(model, values: dict) -> pd.DataFrame:
+        return pd.DataFrame([{f: values[f] for f in model.feature_names_in_}], dtype=np.float64)
+
+    def _probability(self, model, values: dict) -> float:
+        return float(model.predict_proba(self._frame(model, values))[0, 1])
 
     def assess(self, record: Mapping, where: str = "record") -> dict:
         """The tabular risk of the record's patient.
@@ -85,23 +87,35 @@ class PatientRiskAssessor:
         Returns ``{"status": "no tabular data", "unknown": [...]}`` when none of the features is present, else
         ``{"status": "ok", "level", "outcomes": {outcome: {"probability", "level", "rules"}}, "unknown"}``: ``level``
         is the highest outcome level; ``rules`` are the outcome's selected stage-1 rules that the patient's known
-        values satisfy, in the risk direction (a missing value fires no rule and is listed in ``unknown``).
+        values satisfy, in the risk direction (a missing value fires no rule and is listed in ``unknown``). A
+        present value that cannot be used (out of range, not a number, an unknown category) is missing, named
+        under ``invalid`` with the reason and in a warning that names ``where``.
         """
-        values = self.features_of(record, where)
+        values = self.features_of(record)
         unknown = [f for f, v in values.items() if math.isnan(v)]
+        invalid = {f.name: p for f in self.encoder.fields for p in [f.parse_value(f.raw(record))[1]] if p}
+        if invalid:
+            logger.warning(
+                "%s: tabular value(s) read as missing: %s", where, "; ".join(f"{k}: {v}" for k, v in invalid.items())
+            )
         if len(unknown) == len(values):
-            return {"status": "no tabular data", "unknown": unknown}
+            return {"status": "no tabular data", "unknown": unknown, **({"invalid": invalid} if invalid else {})}
         outcomes = {}
         for outcome, model in self.models.items():
-            frame = pd.DataFrame([{f: values[f] for f in model.feature_names_in_}], dtype=np.float64)
-            probability = float(model.predict_proba(frame)[0, 1])
+            frame = self._frame(model, values)
             outcomes[outcome] = {
-                "probability": round(probability, 6),
+                "probability": round(self._probability(model, values), 6),
                 "level": str(model.predict_risk(frame)[0]),
                 "rules": self._fired(model, frame.iloc[0]),
             }
         level = max((o["level"] for o in outcomes.values()), key=RISK_LEVELS.index)
-        return {"status": "ok", "level": level, "outcomes": outcomes, "unknown": unknown}
+        return {
+            "status": "ok",
+            "level": level,
+            "outcomes": outcomes,
+            "unknown": unknown,
+            **({"invalid": invalid} if invalid else {}),
+        }
 
     @staticmethod
     def _fired(model, row: pd.Series) -> list[str]:
@@ -120,7 +134,7 @@ class PatientRiskAssessor:
     def describe(self) -> dict:
         """What ``decisions.json`` records of the risk model: its file, outcomes, features and the combining rule."""
         return {
-            "path": self.path,
+            "path": self.where,
             "outcomes": list(self.models),
             "features": self.features,
             "combined_rule": COMBINED_RULE,

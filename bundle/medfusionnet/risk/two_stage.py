@@ -2,7 +2,8 @@
 
 Pipeline per outcome, all of it refitted inside every cross-validation fold:
 
-1. `read_risk_csv` (or `nih_tables` for NIH metadata): sentinels such as ``?`` become missing.
+1. `read_risk_csv` (or `nih_tables` for NIH metadata, parsed by the network's own `data.tabular.TabularEncoder`):
+   sentinels such as ``?`` become missing.
 2. `RiskPreprocessor`: adds missing-value indicators, drops almost-empty and constant columns, imputes the rest
    (median, or forward fill).
 3. Stage 1 (`TwoStageRiskModel`): a shallow univariate decision tree per feature proposes thresholds; a grid search
@@ -39,6 +40,7 @@ from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils.validation import check_is_fitted
 
 from ..constants import LABELS, MISSING_STRINGS, RISK_LEVELS
+from ..data.tabular import NIH_FIELDS, TabularEncoder, parse_fields
 from ..files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ CERVICAL_OUTCOMES: tuple[str, ...] = ("Hinselmann", "Schiller", "Citology", "Bio
 CV_METRICS: tuple[str, ...] = ("auc", "f1", "gmean", "balanced_accuracy", "sensitivity", "specificity")
 STAGE1_SCORES: tuple[str, ...] = ("auc", "f1")
 IMPUTATIONS: tuple[str, ...] = ("median", "ffill")
-NIH_FEATURES: tuple[str, ...] = ("age", "sex_M", "view_PA", "follow_up")
+NIH_FEATURES: tuple[str, ...] = tuple(TabularEncoder(NIH_FIELDS).frame([]).columns)  # the risk model's NIH inputs
 MODEL_NAME = "two_stage"
 FORMAT_VERSION = 1
 
@@ -129,21 +131,14 @@ def _check_two_classes(y: pd.Series, where: str) -> None:
 
 
 def nih_tables(frame: pd.DataFrame, labels: Sequence[str] = LABELS):
-    """Numeric features ``(age, sex_M, view_PA, follow_up)`` and 0/1 findings from `data.read_nih_csv`'s frame.
+    """Numeric features and 0/1 findings from `data.read_nih_csv`'s frame.
 
-    Sex other than M/F and views other than PA/AP become missing, so imputation handles them like any other gap.
+    The features are the NIH fields' parse (`data.tabular.TabularEncoder.frame` of `data.tabular.NIH_FIELDS`, the
+    network's own fields): ``age``, ``sex_M``, ``sex_F``, ``view_PA``, ``view_AP``, ``follow_up``; sexes other than
+    M/F, views other than PA/AP and implausible ages are missing, so imputation handles them like any other gap.
     """
-    sex = frame["sex"].str.upper()
-    view = frame["view"].str.upper()
-    x = pd.DataFrame(
-        {
-            "age": frame["age"].astype(np.float64),
-            "sex_M": np.where(sex == "M", 1.0, np.where(sex == "F", 0.0, np.nan)),
-            "view_PA": np.where(view == "PA", 1.0, np.where(view == "AP", 0.0, np.nan)),
-            "follow_up": pd.to_numeric(frame["follow_up"], errors="coerce").astype(np.float64),
-        },
-        index=frame.index,
-    )
+    x = TabularEncoder().frame(frame.to_dict("records"))
+    x.index = frame.index
     y_table = pd.DataFrame(
         np.stack(frame["label"].to_numpy()).astype(np.int64), columns=list(labels), index=frame.index
     )
@@ -743,16 +738,24 @@ def package_versions() -> dict:
     }
 
 
-def save_models(path, models: dict, with_screening: bool = False, bins: dict | None = None) -> dict:
+def save_models(
+    path, models: dict, with_screening: bool = False, bins: dict | None = None, tabular_fields=None
+) -> dict:
     """Write ``{outcome: TwoStageRiskModel}`` as one human-readable JSON file; returns the written document.
 
-    The file is replaced atomically (`write_text_atomic`): a failed save keeps the previous model file.
+    ``tabular_fields`` (`data.tabular.TabularField` declarations) say how a patient's raw fields become the
+    models' input columns (`data.tabular.TabularEncoder.frame`); by default every input column is a numeric field
+    of that name. The file is replaced atomically (`write_text_atomic`): a failed save keeps the previous model file.
     """
+    if tabular_fields is None:
+        columns = dict.fromkeys(c for m in models.values() for c in m.feature_names_in_)
+        tabular_fields = [{"name": c, "kind": "numeric"} for c in columns]
     document = {
         "format_version": FORMAT_VERSION,
         "model": MODEL_NAME,
         "with_screening": with_screening,
         "versions": package_versions(),
+        "tabular_fields": [f.to_dict() for f in parse_fields(tabular_fields, f"{path}: tabular_fields")],
         "bins": bins or {},
         "outcomes": {name: m.to_dict() for name, m in models.items()},
     }
@@ -776,9 +779,13 @@ def load_models(path) -> dict:
         ValueError: naming the file when it is not a saved two-stage risk model.
     """
     with open(path) as f:
-        document = json.load(f)
-    if document.get("model") != MODEL_NAME or "outcomes" not in document:
-        raise ValueError(f'{path}: not a two-stage risk model JSON (expected "model": "{MODEL_NAME}")')
+        return models_from_document(json.load(f), str(path))
+
+
+def models_from_document(document: dict, where: str = "risk model") -> dict:
+    """``{outcome: TwoStageRiskModel}`` from the parsed JSON document of `save_models`; errors name ``where``."""
+    if not isinstance(document, dict) or document.get("model") != MODEL_NAME or "outcomes" not in document:
+        raise ValueError(f'{where}: not a two-stage risk model JSON (expected "model": "{MODEL_NAME}")')
     return {name: TwoStageRiskModel.from_dict(state) for name, state in document["outcomes"].items()}
 
 
