@@ -100,7 +100,7 @@ def test_verify_net_in_out_with_tabular_input(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_demo_train_evaluate_infer(tmp_path):
     out = tmp_path / "run"
-    log = train_on_demo(tmp_path, out, max_epochs=2)
+    log = train_on_demo(tmp_path, out, 2, "--network_size", "tiny")  # the small size keeps the test short
     assert "SYNTHETIC" in log and "Cannot find the metadata" not in log
     metrics = _check_training_outputs(out)
     assert metrics["mean"]["auc"] > 0.6  # the synthetic findings are learnable within two epochs
