@@ -1,7 +1,7 @@
 """Build and evaluate the two-stage risk model (medfusionnet.risk.two_stage) on a CSV of features and binary outcomes.
 
     python scripts/build_risk_model.py --csv risk_factors_cervical_cancer.csv --output_dir out [--with_screening]
-    python scripts/build_risk_model.py --csv labels.csv --nih --output_dir out
+    python scripts/build_risk_model.py --csv labels.csv --nih [--images_in train_val_list.txt] --output_dir out
 
 Cross-validates the ``--models`` (default: all of them) in the same folds: both stage-2 kinds (``two_stage_tree``, the
 paper's readable tree, and ``two_stage_forest``), the reference models ``tree``, ``logistic``, ``forest`` and
@@ -36,7 +36,7 @@ from sklearn.metrics import roc_curve
 from sklearn.tree import plot_tree
 
 from medfusionnet.constants import LABELS  # noqa: E402
-from medfusionnet.data.nih import read_nih_csv  # noqa: E402
+from medfusionnet.data.nih import read_nih_csv, read_split_list  # noqa: E402
 from medfusionnet.data.tabular import NIH_FIELDS  # noqa: E402
 from medfusionnet.evaluation.comparison import plot_mean_ranks, rank_lines, rank_statistics  # noqa: E402
 from medfusionnet.files import outputs_line  # noqa: E402
@@ -51,11 +51,20 @@ SETTING_KEYS = {False: "a", True: "b"}  # short names in cv_results.csv, rank_st
 RANK_BLOCKS = "outcome x repeat x fold, cross-validated AUC"
 
 
-def load_data(csv, nih=False, outcomes=None, features=None):
+def load_data(csv, nih=False, outcomes=None, features=None, images_in=None):
     """``(x, Y, ids, groups)`` from a cervical-style CSV or, with ``nih``, an NIH Data_Entry CSV (``groups``: the
-    patient ids that keep a patient's images in one CV fold; None for one row per patient)."""
+    patient ids that keep a patient's images in one CV fold; None for one row per patient). ``images_in``: an NIH
+    split list (``train_val_list.txt``) whose images alone are used."""
+    if images_in and not nih:
+        raise ValueError("--images_in selects NIH images by name: use it with --nih")
     if nih:
         frame = read_nih_csv(csv)
+        if images_in:
+            listed = read_split_list(images_in)
+            frame = frame[frame["name"].isin(listed)].reset_index(drop=True)
+            if frame.empty:
+                raise ValueError(f"{images_in}: none of its image names is a row of {csv}")
+            print(f"{len(frame)} rows of {csv} are listed in {images_in}")
         x, y_table = two_stage.nih_tables(frame)
         x = x[features] if features else x
         y_table = y_table[outcomes] if outcomes else y_table
@@ -253,6 +262,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nih", action="store_true", help="read --csv as an NIH Data_Entry CSV")
+    parser.add_argument(
+        "--images_in", help="with --nih: use only the images of this split list (train_val_list.txt for --risk_model)"
+    )
     parser.add_argument("--with_screening", action="store_true", help="also evaluate and save setting (b)")
     parser.add_argument("--export_tabular", action="store_true", help="write tabular_features.csv")
     parser.add_argument("--stage2", choices=two_stage.STAGE2_KINDS, default="forest", help="kind of the saved model")
@@ -272,7 +284,7 @@ def main(argv=None) -> int:
     kinds = {"tree": {"random_state": args.seed}, "forest": {**two_stage.FOREST_PARAMS, "random_state": args.seed}}
     kinds[args.stage2].update(config.get("params") or {})
     outcomes = args.outcomes or (list(LABELS) if args.nih else None)
-    x, y_table, ids, groups = load_data(args.csv, args.nih, outcomes, args.features)
+    x, y_table, ids, groups = load_data(args.csv, args.nih, outcomes, args.features, args.images_in)
     rule = levels = None
     if args.factor_levels:  # checked before the cross-validation, so a bad rule or a missing column fails at once
         rule = (

@@ -358,13 +358,19 @@ def test_script_runs_on_nih_metadata(tmp_path):
                 "--models",
                 "two_stage_forest",
                 "tree",
+                "--images_in",
+                str(NIH / "meta" / "train_val_list.txt"),
             ]
         )
         == 0
     )
     model = json.loads((out / "model.json").read_text())
     assert set(model["outcomes"]) == {"Infiltration", "Effusion"}
-    assert len(pd.read_csv(out / "patients.csv")) == 469
+    assert model["tabular_fields"][0]["parse"] == "age"  # the network's NIH fields, for the --risk_model input
+    patients = pd.read_csv(out / "patients.csv")
+    assert len(patients) == 469 - 56  # the official test images left out
+    test_images = (NIH / "meta" / "test_list.txt").read_text().split()
+    assert not set(patients["name"]) & set(test_images)
 
 
 def test_factor_rule_levels_by_hand():

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, require
 
 import medfusionnet
-from medfusionnet.data.nih import read_nih_csv
+from medfusionnet.data.nih import read_nih_csv, read_split_list
 from medfusionnet.data.tabular import NIH_FIELDS
 from medfusionnet.risk import two_stage
 
@@ -222,7 +222,10 @@ def test_real_nih_train_evaluate_infer(nih_dir, dicom_files, tmp_path):
     frame = read_nih_csv(nih_dir / "labels.csv")
     x, y_table = two_stage.nih_tables(frame)
     params = {**two_stage.FOREST_PARAMS, "n_estimators": 20, "top_n": 2}
-    risk = {o: two_stage.TwoStageRiskModel(**params).fit(x, y_table[o]) for o in ("Effusion", "Infiltration")}
+    train = frame["name"].isin(read_split_list(nih_dir / "meta" / "train_val_list.txt")).to_numpy()  # no test image
+    risk = {
+        o: two_stage.TwoStageRiskModel(**params).fit(x[train], y_table[o][train]) for o in ("Effusion", "Infiltration")
+    }
     two_stage.save_models(tmp_path / "risk_model.json", risk, tabular_fields=NIH_FIELDS)
     expected_risk = dict(zip(frame["name"], risk["Effusion"].predict_proba(x)[:, 1]))
     out = tmp_path / "run"
