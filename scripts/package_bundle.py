@@ -32,7 +32,7 @@ import sys
 import yaml
 
 from medfusionnet.data.demo import make_demo_dataset
-from medfusionnet.risk.two_stage import load_models
+from medfusionnet.risk.assessment import PatientRiskAssessor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_PATIENTS = 4  # synthetic demo patients shipped in demo_data/
@@ -85,7 +85,7 @@ def package(model_dir: str, output_dir: str, name: str = NAME, weights_url: str 
     if risk_model:
         if not os.path.isfile(risk_model):
             raise FileNotFoundError(f"--risk_model {risk_model} does not exist; give build_risk_model.py's model.json")
-        load_models(risk_model)  # checked before anything is written
+        PatientRiskAssessor.load(risk_model)  # loads as inference will, checked before anything is written
         if os.path.isfile(os.path.join(model_dir, RISK_MODEL_FILE)):
             logger.warning(
                 "%s was trained with a risk model of its own, which stays embedded in its tabular encoding; the "

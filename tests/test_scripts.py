@@ -164,6 +164,11 @@ def test_package_bundle_layout(tmp_path, monkeypatch, caplog):
     risk = two_stage.TwoStageRiskModel(stage2="tree").fit(x, y)
     two_stage.save_models(tmp_path / "risk.json", {"Biopsy": risk})
     package.package(str(run), str(tmp_path / "dist"), risk_model=str(tmp_path / "risk.json"))
+    document = json.loads((tmp_path / "risk.json").read_text())
+    del document["tabular_fields"]  # a 0.8.0 risk model: inference could not parse a patient for it
+    (tmp_path / "old_risk.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="old_risk.json: the risk model declares no 'tabular_fields'"):
+        package.package(str(run), str(tmp_path / "dist3"), risk_model=str(tmp_path / "old_risk.json"))
     shipped = two_stage.load_models(root / "models" / package.RISK_MODEL_FILE)["Biopsy"]
     np.testing.assert_allclose(shipped.predict_proba(x), risk.predict_proba(x))
 
