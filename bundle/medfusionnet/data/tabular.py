@@ -187,10 +187,14 @@ class TabularField:
                 out[key] = list(out[key])
         return out
 
+    def value_names(self) -> list[str]:
+        """Names of the field's value features, which are also its `TabularEncoder.frame` columns: the field's name,
+        or one ``<name>_<category>`` per category."""
+        return [f"{self.name}_{c}" for c in self.categories] if self.kind == "categorical" else [self.name]
+
     def feature_names(self) -> list[str]:
         """Names of the field's encoded features, its missing flag last."""
-        values = [f"{self.name}_{c}" for c in self.categories] if self.kind == "categorical" else [self.name]
-        return [*values, f"{self.name}_missing"]
+        return [*self.value_names(), f"{self.name}_missing"]
 
     def raw(self, record: Mapping):
         """The field's raw value in ``record``: its key ``name``, else ``record['clinical'][column or name]``."""
@@ -331,11 +335,12 @@ class TabularEncoder:
             indicators = model.preprocessor_.indicators_
             for feature in model.selected_features_:  # a missing-value indicator stands for the columns it flags
                 wanted.update(indicators.get(feature, [feature]))
-        by_column = {c: f for f in assessor.encoder.fields for c in TabularEncoder([f]).frame([]).columns}
-        fields = [f for f in assessor.encoder.fields if any(by_column.get(c) is f for c in wanted)]
+        fields = [f for f in assessor.encoder.fields if wanted.intersection(f.value_names())]
         if not fields:
             raise ValueError(f"{path}: stage 1 of the risk model selected no feature, so it gives the network nothing")
-        return cls(fields, risk_model=document)
+        encoder = cls(fields)
+        encoder.risk_model, encoder.risk = document, assessor  # the assessor built above, not a second one
+        return encoder
 
     # ---- layout
     @property
@@ -427,8 +432,8 @@ class TabularEncoder:
         for f in self.fields:
             parsed = [f.parse_value(f.raw(r))[0] for r in records]
             if f.kind == "categorical":
-                for c in f.categories:
-                    columns[f"{f.name}_{c}"] = [np.nan if v is None else float(v == c) for v in parsed]
+                for name, c in zip(f.value_names(), f.categories):
+                    columns[name] = [np.nan if v is None else float(v == c) for v in parsed]
             else:
                 columns[f.name] = parsed
         return pd.DataFrame(columns, index=range(len(records)), dtype=np.float64)
