@@ -296,6 +296,102 @@ class DecisionWriter(_OutputCollector):
         )
 
 
+class DecisionReportWriter:
+    """Writes ``decisions.html`` beside ``decisions.json`` (`report.html`) at the end of an inference run.
+
+    Reads the run's ``decisions.json`` (so it must come after `DecisionWriter` in the handler list) and gives each
+    of the first ``max_pages`` readable images, most urgent tier first, its page: the X-ray, the Grad-CAM region of
+    each positive finding (`serving.to_xray_frame`, kept where the map reaches ``cam_threshold``), the
+    probabilities against the thresholds, the tier, the tabular inputs and the tabular risk. Every image is listed
+    on the index page. ``max_pages`` 0 writes the index only.
+
+    Args:
+        output_dir: the folder of ``decisions.json``.
+        network: the evaluated network (Grad-CAM of its CNN branch).
+        transform: the inference preprocessing (`transforms.xray_transforms`), applied again to the paged images.
+        data: the run's records (``image`` path, ``name`` and the tabular fields), as the dataset holds them.
+        max_pages: the most images given a page.
+        cam_threshold: the fraction of a map's maximum that bounds a finding's region.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        network: torch.nn.Module,
+        transform: Callable,
+        data: Sequence[dict],
+        max_pages: int = 20,
+        cam_threshold: float = 0.5,
+    ):
+        if int(max_pages) < 0:
+            raise ValueError(f"report max_pages must be 0 or more, got {max_pages}")
+        if not 0.0 < float(cam_threshold) <= 1.0:
+            raise ValueError(f"report cam_threshold must be in (0, 1], got {cam_threshold}")
+        self.output_dir = output_dir
+        self.network = network
+        self.transform = transform
+        self.records = {str(r[KEY_NAME]): r for r in data}
+        self.max_pages = int(max_pages)
+        self.cam_threshold = float(cam_threshold)
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine``'s epoch end."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _write(self, engine: Engine) -> None:
+        if is_main_process():
+            self.write()
+
+    def write(self) -> str:
+        """Write the pages and the index; returns the index's path."""
+        from ..constants import KEY_CLINICAL, KEY_TABULAR, RAW_TABULAR_KEYS
+        from ..data.image_reader import read_xray
+        from ..explain.saliency import gradcam
+        from ..report import html
+        from ..serving import to_xray_frame
+
+        with open(os.path.join(self.output_dir, "decisions.json")) as f:
+            document = json.load(f)
+        urgency = {"high": 0, "medium": 1, "low": 2}
+        readable = [i for i in document["images"] if i["status"] == "ok" and i["image"] in self.records]
+        readable.sort(key=lambda i: (urgency.get(i.get("combined_tier", i["tier"]), 3), i["image"]))
+        device = next(self.network.parameters()).device
+        was_training = self.network.training
+        self.network.eval()
+        pages = {}
+        try:
+            for item in readable[: self.max_pages]:
+                record = self.records[item["image"]]
+                xray = read_xray(record[KEY_IMAGE])
+                prepared = self.transform(dict(record))
+                image = torch.as_tensor(prepared[KEY_IMAGE])[None].to(device)
+                tabular = torch.as_tensor(prepared[KEY_TABULAR])[None].to(device)
+                height, width = xray.array.shape
+                maps = {
+                    finding: to_xray_frame(
+                        gradcam(self.network, image, LABELS.index(finding), tabular)[0, 0].cpu().numpy(),
+                        int(image.shape[-1]),
+                        (width, height),
+                    )
+                    for finding in item["findings"]
+                }
+                fields = {**xray.header, **{k: record[k] for k in RAW_TABULAR_KEYS if record.get(k) not in (None, "")}}
+                if record.get(KEY_CLINICAL):
+                    fields[KEY_CLINICAL] = record[KEY_CLINICAL]
+                result = {
+                    **item,
+                    **{k: document[k] for k in ("rule", "thresholds", "calibrated", "combined_rule") if k in document},
+                }
+                pages[item["image"]] = html.write_study_page(
+                    os.path.join(self.output_dir, "report"), result, xray.array, maps, fields, self.cam_threshold
+                )
+        finally:
+            self.network.train(was_training)
+        path = html.write_index(self.output_dir, document, pages)
+        logger.info("wrote %s (%d image page(s))", path, len(pages))
+        return path
+
+
 class SinglePassLog:
     """Drops the evaluator's "Got new best metric" line: one evaluation pass has no best epoch to report."""
 
