@@ -1,0 +1,96 @@
+"""Results as DICOM (`medfusionnet.report.dicom`): the SR and the SEG written, read back with pydicom, value by value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from medfusionnet.constants import LABELS
+from medfusionnet.report import dicom
+
+MODEL = {"name": "MedFusionNet", "version": "9.9.9"}
+
+
+def result_of(probabilities: dict, threshold: float = 0.5, tier: str = "medium", risk: bool = False) -> dict:
+    """An image's decisions as `serving.XrayPredictor.predict` gives them."""
+    probs = {label: probabilities.get(label, 0.1) for label in LABELS}
+    result = {
+        "tier": tier,
+        "probabilities": probs,
+        "thresholds": {label: threshold for label in LABELS},
+        "decisions": {label: p >= threshold for label, p in probs.items()},
+        "findings": [label for label, p in probs.items() if p >= threshold],
+    }
+    if risk:
+        result["tabular_risk"] = {"status": "ok", "level": "high"}
+        result["combined_tier"] = "high"
+    return result
+
+
+@pytest.fixture
+def source(dicom_files):
+    return pydicom.dcmread(dicom_files[1])  # the one without PatientBirthDate, which highdicom copies
+
+
+def test_structured_report_round_trip(source, tmp_path):
+    result = result_of({"Mass": 0.8125, "Effusion": 0.25}, risk=True)
+    sr = dicom.structured_report(source, result, MODEL)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    back = pydicom.dcmread(path)
+    assert back.Modality == "SR" and back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.PatientID == source.PatientID and back.PatientBirthDate == ""
+    # the evidence lists the X-ray
+    evidence = back.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    # one value read without read_report: the Mass finding's probability item
+    mass = next(
+        i for i in back.ContentSequence if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeMeaning == "Mass"
+    )
+    assert mass.ConceptNameCodeSequence[0].CodeValue == "121071"  # DCM Finding
+    probability = mass.ContentSequence[0]
+    assert probability.ConceptNameCodeSequence[0].CodeMeaning == "Probability of finding"
+    assert float(probability.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.8125)
+    decision = mass.ContentSequence[2].ConceptCodeSequence[0]
+    assert (decision.CodeValue, decision.CodingSchemeDesignator) == ("52101004", "SCT")  # Present
+    report = dicom.read_report(back)
+    assert report["model"] == "MedFusionNet" and report["version"] == "9.9.9"
+    assert report["tier"] == "medium" and report["tabular_level"] == "high" and report["combined_tier"] == "high"
+    assert report["source"]["sop_instance"] == source.SOPInstanceUID
+    assert set(report["findings"]) == set(LABELS)
+    for label in LABELS:
+        expected = result["probabilities"][label], 0.5, result["decisions"][label]
+        got = report["findings"][label]
+        assert (got["probability"], got["threshold"], got["decision"]) == pytest.approx(expected)
+
+
+def test_segmentation_holds_one_segment_per_region(source, tmp_path):
+    shape = (int(source.Rows), int(source.Columns))
+    mass = np.zeros(shape, dtype=bool)
+    mass[100:300, 200:400] = True
+    hernia = np.zeros(shape, dtype=bool)
+    hernia[250:500, 350:600] = True  # overlaps the mass region: SEG segments may overlap
+    seg = dicom.segmentation(source, {"Mass": mass, "Hernia": hernia}, MODEL)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    back = pydicom.dcmread(path)
+    assert back.Modality == "SEG" and back.SegmentationType == "BINARY"
+    assert dicom.segment_labels(back) == ["Mass", "Hernia"]
+    assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    frames = back.pixel_array.reshape(-1, *shape)
+    numbers = [
+        int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber) for f in back.PerFrameFunctionalGroupsSequence
+    ]
+    assert np.array_equal(frames[numbers.index(1)] > 0, mass)
+    assert np.array_equal(frames[numbers.index(2)] > 0, hernia)
+    algorithm = back.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "MedFusionNet" and algorithm.AlgorithmVersion == "9.9.9"
+
+
+def test_segmentation_refusals(source):
+    assert dicom.segmentation(source, {}, MODEL) is None  # a SEG needs a segment: none without a positive finding
+    with pytest.raises(ValueError, match="shape"):
+        dicom.segmentation(source, {"Mass": np.zeros((3, 3), dtype=bool)}, MODEL)
+    with pytest.raises(ValueError, match="unknown finding"):
+        dicom.finding_code("Fracture")
