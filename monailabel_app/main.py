@@ -2,15 +2,30 @@
 
     monailabel start_server --app monailabel_app --studies /path/to/xrays \\
         --conf bundle_path dist/cxr14_medfusionnet_classification --host 127.0.0.1 --port 8000
+    monailabel start_server --app monailabel_app --studies http://127.0.0.1:8042/dicom-web \\
+        --conf bundle_path dist/cxr14_medfusionnet_classification --conf modalities CR,DX
 
-One infer task, ``medfusionnet`` (classification, 2-D). ``POST /infer/medfusionnet?image=<id>&output=json`` returns
-the 14 probabilities, the decisions at the bundle's thresholds, the positive findings and the risk tier, as the
-bundle's inference writes them to ``decisions.json``; ``output=image`` (or ``all``) also returns the Grad-CAM map of
-the most probable finding, thresholded at half its maximum, as a PNG label image of the X-ray's size, which 3D
-Slicer's MONAI Label module shows over the image. Tabular input is read from the DICOM header, or from the request's
-params (``age``, ``sex``, ``view``, ``follow_up``, and ``clinical``: ``{column: value}`` for a risk model's other
-fields), else encoded as missing. A bundle packaged with ``--risk_model`` also answers the patient's tabular risk
-(level, probability and fired rules per outcome), the combined tier and its rule, as ``decisions.json`` holds them.
+Studies come from a folder (PNG, JPEG, DICOM, NIfTI) or a DICOMweb server (``--studies <url>``: the series of the
+``modalities`` conf, default ``CR,DX``, are the images; each is fetched as DICOM and read with its own MONOCHROME1 /
+VOI LUT handling, no NIfTI conversion).
+
+Two infer tasks, answering the same decisions:
+
+- ``medfusionnet_findings`` (segmentation, the type 3D Slicer's MONAI Label module lists): labels are the 14
+  findings (label value ``i + 1`` for ``LABELS[i]``); the result is one label map on the X-ray's pixel grid
+  (NIfTI, the X-ray's pixel spacing) holding each positive finding's Grad-CAM region (`medfusionnet.serving`), so
+  Slicer shows one segment per positive finding, named by finding. Its params (Slicer prints them, a client reads
+  them) hold ``label_names``, the probabilities, thresholds, decisions, tier and, with a risk model, the tabular
+  risk and the combined tier. Config ``cam_threshold`` (default 0.5) bounds the regions.
+- ``medfusionnet`` (classification): ``output=json`` returns the same decisions; ``output=image`` the region of the
+  most probable finding as a PNG of the X-ray's size.
+
+Each answer also writes ``decisions.json`` and ``decisions.html`` for the image under ``<app>/reports/<image id>/``
+(named as ``report`` in the params; config ``report`` false skips it, and the classification task then computes
+only the top finding's map). Tabular input is read from the DICOM header, or from the request's params
+(``age``, ``sex``, ``view``, ``follow_up``, and ``clinical``: ``{column: value}`` for a risk model's other fields),
+else encoded as missing. An image id the datastore does not hold answers 404; a file that is not a readable 2-D
+X-ray (a text upload, a DICOM without pixels) or a bad parameter answers 422, naming the file or the parameter.
 """
 
 from __future__ import annotations
@@ -18,118 +33,204 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 
 import numpy as np
-import torch
+from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 logger = logging.getLogger(__name__)
 
 
-class MedFusionNetInfer(InferTask):
-    """Classification with decision support and a Grad-CAM label of the top finding, from a packaged bundle."""
+class RequestError(ValueError):
+    """A request the app cannot answer because of its content (answered with 422 and this message)."""
 
-    def __init__(self, bundle_path: str):
-        if bundle_path not in sys.path:  # the bundle's own copy of the code
-            sys.path.insert(0, bundle_path)
-        from medfusionnet.constants import LABELS
 
-        super().__init__(
-            type=InferType.CLASSIFICATION,
-            labels=list(LABELS),
-            dimension=2,
-            description="MedFusionNet: 14 NIH findings, decisions, risk tier and Grad-CAM",
-        )
+def _series_file(path: str) -> str:
+    """The X-ray file of ``path``: itself, or the one DICOM file of a series folder (a DICOMweb datastore's)."""
+    if not os.path.isdir(path):
+        return path
+    files = sorted(f for f in os.listdir(path) if not f.startswith("."))
+    if len(files) != 1:
+        raise RequestError(f"series folder {path} holds {len(files)} files; a chest X-ray series holds one image")
+    return os.path.join(path, files[0])
+
+
+def _pixel_spacing(path: str) -> tuple[float, float]:
+    """(row, column) spacing in mm of a DICOM file (PixelSpacing, else ImagerPixelSpacing); 1 for other files."""
+    if not path.lower().endswith((".dcm", ".dicom")):
+        return 1.0, 1.0
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    return (float(spacing[0]), float(spacing[1])) if spacing else (1.0, 1.0)
+
+
+class _BundleTask(InferTask):
+    """Shared part of the two tasks: the packaged bundle's `medfusionnet.serving.XrayPredictor`, loaded once."""
+
+    def __init__(self, bundle_path: str, reports_dir: str, type, labels, description: str, config: dict):
+        super().__init__(type=type, labels=labels, dimension=2, description=description, config=config)
         self.bundle_path = bundle_path
-        self._loaded = None
+        self.reports_dir = reports_dir
+        self._predictor = None
 
     def is_valid(self) -> bool:
         """The bundle holds a trained model."""
         return os.path.isfile(os.path.join(self.bundle_path, "models", "model.pt"))
 
-    def _load(self):
-        if self._loaded is None:
-            from medfusionnet.data.transforms import xray_transforms
-            from medfusionnet.engine.run_settings import saved_setting
-            from medfusionnet.evaluation.calibration import TemperatureScaling
-            from medfusionnet.evaluation.decision import RiskTierRule
-            from medfusionnet.explain.workflow import load_trained
-            from medfusionnet.risk.assessment import PatientRiskAssessor
+    def predictor(self):
+        """The bundle's model, loaded on first use."""
+        if self._predictor is None:
+            from medfusionnet.serving import XrayPredictor
 
-            models = os.path.join(self.bundle_path, "models")
-            network, encoder, image_size, thresholds = load_trained(models)
-            calibration = os.path.join(models, "calibration.json")
-            risk = PatientRiskAssessor.load_if_present(os.path.join(models, "risk_model.json"))
-            self._loaded = {
-                "trained_on": saved_setting(models, "data", default={}),
-                "network": network,
-                "image_size": image_size,
-                "thresholds": np.asarray(thresholds),
-                "risk": risk,
-                "transform": xray_transforms(encoder, image_size, with_label=False, risk=risk),
-                "rule": RiskTierRule(),
-                "calibration": TemperatureScaling.load(calibration) if os.path.isfile(calibration) else None,
-            }
-            if self._loaded["trained_on"].get("synthetic"):
-                logger.warning(
-                    "%s was trained on the SYNTHETIC demo set, not on X-rays: its findings mean nothing", models
-                )
-        return self._loaded
+            self._predictor = XrayPredictor(os.path.join(self.bundle_path, "models"))
+        return self._predictor
+
+    def predict(self, request):
+        """``(file, prediction)`` of ``request["image"]`` with the request's tabular params."""
+        from medfusionnet.constants import KEY_CLINICAL, RAW_TABULAR_KEYS
+        from medfusionnet.data.unreadable import UnreadableImageError
+
+        path = _series_file(request["image"])
+        fields = {k: request[k] for k in (*RAW_TABULAR_KEYS, KEY_CLINICAL) if request.get(k) is not None}
+        name = os.path.basename(path)
+        try:
+            return path, self.predictor().predict(path, fields, name=name)
+        except UnreadableImageError as err:
+            raise RequestError(f"not a readable chest X-ray: {err}") from None
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+
+    def cam_threshold(self, request) -> float:
+        """The request's ``cam_threshold`` (a number in (0, 1])."""
+        value = request.get("cam_threshold", 0.5)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise RequestError(f"params 'cam_threshold' must be a number in (0, 1], got {value!r}") from None
+        if not 0.0 < value <= 1.0:
+            raise RequestError(f"params 'cam_threshold' must be in (0, 1], got {value}")
+        return value
+
+    @staticmethod
+    def with_report(request) -> bool:
+        """The request's ``report`` switch (true, false, or their text as a config table sends it)."""
+        value = request.get("report", True)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            raise RequestError(f"params 'report' must be true or false, got {value!r}")
+        return value
+
+    def answer(self, request, prediction, maps: dict, cam_threshold: float) -> dict:
+        """The result params, with the per-image ``decisions.json`` / ``decisions.html`` written when ``report``."""
+        from medfusionnet.report import html
+
+        predictor = self.predictor()
+        result = dict(prediction.result)
+        answer = {
+            **result,
+            "model_trained_on": predictor.trained_on,
+            "tabular_inputs": prediction.fields,
+            "cam_threshold": cam_threshold,
+        }
+        if not self.with_report(request):
+            return answer
+        image_id = str(request.get("image_id") or prediction.name)
+        folder = os.path.join(self.reports_dir, re.sub(r"[^A-Za-z0-9._-]", "_", image_id))
+        document_keys = ("rule", "thresholds", "calibrated", "combined_rule")
+        document = {k: result[k] for k in document_keys if k in result}
+        document["images"] = [{k: v for k, v in result.items() if k not in document_keys}]
+        document["model_trained_on"] = predictor.trained_on
+        if predictor.risk is not None:
+            document["risk_model"] = predictor.risk.describe()
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "decisions.json"), "w") as f:
+            json.dump(document, f, indent=2)
+        page = html.write_study_page(
+            os.path.join(folder, "report"), result, prediction.xray, maps, prediction.fields, cam_threshold
+        )
+        html.write_index(folder, document, {prediction.name: page})
+        return {**answer, "report": os.path.join(folder, "decisions.html")}
+
+
+class MedFusionNetFindings(_BundleTask):
+    """Segmentation task: one label map of the positive findings' regions, segments named by finding."""
+
+    def __init__(self, bundle_path: str, reports_dir: str):
+        from medfusionnet.constants import LABELS
+
+        super().__init__(
+            bundle_path,
+            reports_dir,
+            InferType.SEGMENTATION,
+            {label: i + 1 for i, label in enumerate(LABELS)},
+            "MedFusionNet: regions of the positive NIH findings (Grad-CAM), with decisions and risk tier",
+            {"cam_threshold": 0.5, "report": True},
+        )
 
     def __call__(self, request):
-        """``(label PNG path, result JSON)`` for ``request["image"]`` (a file path)."""
+        """``(label map NIfTI path, result params)``."""
+        import nibabel as nib
+
+        from medfusionnet.constants import LABELS
+        from medfusionnet.serving import label_map
+
+        cam_threshold = self.cam_threshold(request)
+        path, prediction = self.predict(request)
+        maps = self.predictor().finding_maps(prediction)
+        labels = label_map(maps, cam_threshold, prediction.xray.shape)
+        row, column = _pixel_spacing(path)
+        # NIfTI axes are (x = column, y = row); the negative diagonal makes ITK (and so Slicer) read the file back
+        # with LPS identity direction, origin 0 and the X-ray's spacing, the grid Slicer gives a loaded X-ray
+        affine = np.diag([-column, -row, 1.0, 1.0])
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.T), affine), out)
+        params = self.answer(request, prediction, maps, cam_threshold)
+        params["label_names"] = {label: i + 1 for i, label in enumerate(LABELS)}
+        params["segments"] = [LABELS[v - 1] for v in sorted(set(np.unique(labels)) - {0})]
+        return out, params
+
+
+class MedFusionNetInfer(_BundleTask):
+    """Classification task: the decisions, and the region of the most probable finding as a PNG."""
+
+    def __init__(self, bundle_path: str, reports_dir: str):
+        from medfusionnet.constants import LABELS
+
+        super().__init__(
+            bundle_path,
+            reports_dir,
+            InferType.CLASSIFICATION,
+            list(LABELS),
+            "MedFusionNet: 14 NIH findings, decisions, risk tier and Grad-CAM",
+            {"cam_threshold": 0.5, "report": True},
+        )
+
+    def __call__(self, request):
+        """``(label PNG path, result params)``."""
         from PIL import Image
 
-        from medfusionnet.constants import KEY_CLINICAL, KEY_RISK, LABELS, RAW_TABULAR_KEYS
-        from medfusionnet.data.image_reader import read_xray
-        from medfusionnet.evaluation.decision import decision_document
-        from medfusionnet.explain.saliency import gradcam, rescale_box
+        from medfusionnet.constants import LABELS
 
-        m = self._load()
-        path = request["image"]
-        fields = {k: request[k] for k in (*RAW_TABULAR_KEYS, KEY_CLINICAL) if request.get(k) is not None}
-        if not isinstance(fields.get(KEY_CLINICAL, {}), dict):
-            raise ValueError(f"params 'clinical' must be an object of column: value, got {fields[KEY_CLINICAL]!r}")
-        name = os.path.basename(path)
-        item = m["transform"]({**fields, "image": path, "name": name})
-        image = torch.as_tensor(item["image"])[None]
-        tabular = torch.as_tensor(item["tabular"])[None]
-        with torch.no_grad():
-            probs = torch.sigmoid(m["network"](image, tabular))[0].numpy().astype(np.float64)
-        top = int(np.argmax(probs))
-        cam = gradcam(m["network"], image, top, tabular)[0, 0].numpy()
-        # back to the X-ray's own frame: undo the centred padding, then resize to the file's size
-        height, width = read_xray(path).array.shape
-        x0, y0, x1, y1 = rescale_box((0, 0, width, height), (width, height), m["image_size"])
-        crop = cam[int(round(y0)) : int(round(y1)), int(round(x0)) : int(round(x1))]
-        mask = np.asarray(Image.fromarray((crop >= 0.5).astype(np.uint8) * 255).resize((width, height))) > 127
-        label_path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
-        Image.fromarray(mask.astype(np.uint8)).save(label_path)
-        # the same decisions, tier and calibrated scale as the bundle's inference (decision.decision_document)
-        risks = {name: json.loads(item[KEY_RISK])} if m["risk"] is not None else None
-        document = decision_document(
-            [name], probs[None], m["thresholds"], m["rule"], m["calibration"], labels=LABELS, risks=risks
-        )
-        image_result = document["images"][0]
-        result = {
-            "image": image_result["image"],
-            "tier": image_result["tier"],
-            "rule": document["rule"],
-            "thresholds": document["thresholds"],
-            "findings": image_result["findings"],
-            "probabilities": image_result["probabilities"],
-            "decisions": image_result["decisions"],
-            "calibrated": document["calibrated"],
-            "model_trained_on": m["trained_on"],
-            **{k: image_result[k] for k in ("tabular_risk", "combined_tier") if k in image_result},
-            **({"combined_rule": document["combined_rule"]} if risks is not None else {}),
-            "gradcam_finding": LABELS[top],
-            "gradcam_label": "pixels at or above half the Grad-CAM maximum",
-        }
-        return label_path, result
+        cam_threshold = self.cam_threshold(request)
+        _, prediction = self.predict(request)
+        top = LABELS[int(np.argmax(prediction.probabilities))]
+        positive = prediction.result["findings"]
+        wanted = [*positive, top] if self.with_report(request) else [top]
+        maps = self.predictor().finding_maps(prediction, list(dict.fromkeys(wanted)))
+        out = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+        Image.fromarray((maps[top] >= cam_threshold).astype(np.uint8)).save(out)
+        maps = {finding: maps[finding] for finding in positive}
+        params = self.answer(request, prediction, maps, cam_threshold)
+        params["gradcam_finding"] = top
+        params["gradcam_label"] = f"pixels where the Grad-CAM map reaches {cam_threshold:g} of its maximum"
+        return out, params
 
 
 class MedFusionNetApp(MONAILabelApp):
@@ -142,15 +243,57 @@ class MedFusionNetApp(MONAILabelApp):
                 f"bundle_path {self.bundle_path} is not a packaged MedFusionNet bundle "
                 "(run scripts/package_bundle.py and pass --conf bundle_path <its folder>)"
             )
+        if self.bundle_path not in sys.path:  # the bundle's own copy of the code
+            sys.path.insert(0, self.bundle_path)
+        self.modalities = conf.get("modalities", "CR,DX")
+        self.reports_dir = os.path.join(app_dir, "reports")
         super().__init__(
             app_dir=app_dir,
             studies=studies,
             conf=conf,
             name="MedFusionNet",
             description="Chest X-ray findings with decision support",
-            version="0.4.0",
+            version="0.5.0",
         )
 
     def init_infers(self):
-        """The one infer task."""
-        return {"medfusionnet": MedFusionNetInfer(self.bundle_path)}
+        """The two infer tasks."""
+        return {
+            "medfusionnet_findings": MedFusionNetFindings(self.bundle_path, self.reports_dir),
+            "medfusionnet": MedFusionNetInfer(self.bundle_path, self.reports_dir),
+        }
+
+    def init_remote_datastore(self):
+        """A DICOMweb datastore of the X-ray series (``modalities``), kept as DICOM (no NIfTI conversion, no dcmqi
+        download)."""
+        from monailabel.config import settings
+        from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+
+        client = DICOMwebClientX(
+            url=self.studies,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or os.path.join(self.app_dir, "dicomweb")
+        return DICOMWebDatastore(
+            client=client, search_filter={"Modality": self.modalities}, cache_path=cache, convert_to_nifti=False
+        )
+
+    def infer(self, request, datastore=None):
+        """`MONAILabelApp.infer` with clear 4xx answers: 404 for an image id the datastore does not hold, 422 for
+        an unreadable file or a bad parameter."""
+        image = request.get("image")
+        if isinstance(image, str) and image and not os.path.exists(image):
+            store = datastore or self.datastore()
+            try:
+                uri = store.get_image_uri(image)
+            except Exception as err:  # a DICOMweb lookup fails in many ways (no such series, HTTP errors)
+                raise HTTPException(404, f"image {image!r} is not in the datastore {store.name()}: {err}") from None
+            if not uri or not os.path.exists(uri) or (os.path.isdir(uri) and not os.listdir(uri)):
+                raise HTTPException(404, f"image {image!r} is not in the datastore {store.name()}")
+            request = {**request, "image_id": image}
+        try:
+            return super().infer(request, datastore)
+        except RequestError as err:
+            raise HTTPException(422, str(err)) from None
