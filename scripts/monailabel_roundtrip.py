@@ -88,6 +88,52 @@ def post(url: str, timeout: float = 300, params: dict | None = None) -> tuple[by
         return body, response.headers.get("content-type", ""), time.perf_counter() - start
 
 
+def start_monailabel(python: str, bundle: str, studies: str, work: str, port: int, conf: dict | None = None):
+    """A MONAI Label server on 127.0.0.1:``port`` serving a copy of monailabel_app with ``bundle``; returns the
+    process, the base URL and the server's log file."""
+    app = os.path.join(work, "app")  # MONAI Label writes logs, caches and reports into the app folder: use a copy
+    shutil.copytree(os.path.join(REPO, "monailabel_app"), app)
+    command = [python, "-m", "monailabel.main", "start_server", "--app", app, "--studies", studies]
+    for key, value in {"bundle_path": bundle, **(conf or {})}.items():
+        command += ["--conf", key, value]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    log_path = os.path.join(work, "monailabel.log")
+    with open(log_path, "w") as log:  # the child keeps its own handle
+        server = subprocess.Popen(command, env=venv_env(python), stdout=log, stderr=subprocess.STDOUT)
+    return server, f"http://127.0.0.1:{port}", log_path
+
+
+def venv_env(python: str) -> dict:
+    """This process's environment for a program of ``python``'s virtual environment (its bin first, no PYTHONPATH,
+    so the environment's own packages are the ones imported)."""
+    env = {**os.environ, "PATH": os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float) -> dict | None:
+    """The JSON at ``url`` once it answers, or None when ``process`` ends or ``seconds`` pass."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            time.sleep(0.5)
+    return None
+
+
+def stop(process: subprocess.Popen | None) -> None:
+    """Terminates ``process`` (killing it after 60 s)."""
+    if process is None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -116,44 +162,14 @@ def main(argv=None) -> int:
     names = sorted(f for f in os.listdir(args.images) if f.endswith(".png"))[: args.count]
     for name in names:
         os.symlink(os.path.abspath(os.path.join(args.images, name)), os.path.join(studies, name))
-    app = os.path.join(work, "app")  # MONAI Label writes logs and caches into the app folder: use a copy
-    shutil.copytree(os.path.join(REPO, "monailabel_app"), app)
-    env = {**os.environ, "PATH": os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")}
-    env.pop("PYTHONPATH", None)
-    base = f"http://127.0.0.1:{args.port}"
-    log = open(os.path.join(work, "server.log"), "w")
     start = time.perf_counter()
-    command = [
-        python,
-        "-m",
-        "monailabel.main",
-        "start_server",
-        "--app",
-        app,
-        "--studies",
-        studies,
-        "--conf",
-        "bundle_path",
-        bundle,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(args.port),
-    ]
-    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server, base, log = start_monailabel(python, bundle, studies, work, args.port)
     failures, rounds, risks = [], [], []
     try:
-        info = None
-        while time.perf_counter() - start < 300 and server.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/info/", timeout=5) as response:
-                    info = json.loads(response.read())
-                break
-            except OSError:
-                time.sleep(2)
+        info = wait_for(f"{base}/info/", server, 300)
         started = time.perf_counter() - start
         if info is None or "medfusionnet" not in info.get("models", {}):
-            failures.append(f"server did not come up with the medfusionnet model (log: {log.name})")
+            failures.append(f"server did not come up with the medfusionnet model (log: {log})")
         for name in names if not failures else []:
             image_id = os.path.splitext(name)[0]
             body, _, seconds = post(f"{base}/infer/medfusionnet?image={image_id}&output=json", params=fields[name])
@@ -176,9 +192,7 @@ def main(argv=None) -> int:
                 if "png" not in kind or label_image.size != original.size:
                     failures.append(f"{name}: label image {kind} {label_image.size} vs X-ray {original.size}")
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
+        stop(server)
     summary = {
         "images": len(names),
         "server_start_s": round(started, 1),
