@@ -430,6 +430,31 @@ def test_a_checkpoint_of_another_network_is_refused_by_name(tmp_path):
             check_checkpoint(str(tmp_path / name), net)
 
 
+def test_a_0_8_checkpoint_passes_the_check_and_loads(tmp_path):
+    """0.8.0 saved one nn.Linear per tabular field (tabular_tokens.proj.<i>.*); the network upgrades that layout
+    when it loads, so the check that inference and evaluation run first lets it through, and the weights agree."""
+    from medfusionnet.data.tabular import NUM_TABULAR_FEATURES
+    from medfusionnet.engine.checkpoints import check_checkpoint
+
+    net = medfusionnet.create_network("medfusionnet", network_size="tiny", image_size=64).eval()
+    state = net.state_dict()
+    weight, bias = state.pop("tabular_tokens.weight"), state.pop("tabular_tokens.bias")
+    for i, (start, end, _) in enumerate(net.tabular_tokens.fields):
+        state[f"tabular_tokens.proj.{i}.weight"] = weight[i, : end - start].t().clone()
+        state[f"tabular_tokens.proj.{i}.bias"] = bias[i].clone()
+    torch.save(state, tmp_path / "v080.pt")
+    fresh = medfusionnet.create_network("medfusionnet", network_size="tiny", image_size=64).eval()
+    check_checkpoint(str(tmp_path / "v080.pt"), fresh)
+    assert not torch.equal(fresh.tabular_tokens.weight, weight)  # the check loads into a copy, not the network
+    fresh.load_state_dict(torch.load(tmp_path / "v080.pt", weights_only=True))
+    image, tab = torch.rand(2, 1, 64, 64), torch.rand(2, NUM_TABULAR_FEATURES)
+    torch.testing.assert_close(fresh(image, tab), net(image, tab))
+    del state["tabular_tokens.proj.0.bias"]  # a broken old checkpoint is still refused by name
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match=r"broken.pt.*absent from the checkpoint"):
+        check_checkpoint(str(tmp_path / "broken.pt"), fresh)
+
+
 def test_a_0_3_checkpoint_is_refused_by_name(tmp_path):
     """0.3.0's MedFusionNet base (384-wide transformer, pyramids, fusion logits only) is the 0.4.0 network with
     these switches; its weights do not load into the 0.4.0 default, and the refusal names the new parts."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -32,7 +33,13 @@ def check_checkpoint(path: str, network) -> None:
         state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
-    own = network.module.state_dict() if hasattr(network, "module") else network.state_dict()
+    module = network.module if hasattr(network, "module") else network
+    try:  # what the engine will do: a strict load, with the network's own upgrades of older layouts (e.g. 0.8.0's)
+        copy.deepcopy(module).load_state_dict(state)
+        return
+    except (RuntimeError, KeyError):  # KeyError: an older layout with parts missing
+        pass
+    own = module.state_dict()
     shapes = [
         f"'{k}' is {tuple(v.shape)} in the checkpoint but {tuple(own[k].shape)} here"
         for k, v in state.items()
