@@ -22,7 +22,7 @@ from .networks.medfusionnet import MedFusionNet
 from .networks.registry import NETWORKS, create_network
 from .risk.two_stage import TwoStageRiskModel
 
-__version__ = "0.9.0"
+__version__ = "0.10.0"
 
 _install_cli_errors()  # a failed ``python -m monai.bundle`` run ends with the bundle's own message
 
