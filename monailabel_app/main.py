@@ -281,15 +281,19 @@ class MedFusionNetApp(MONAILabelApp):
         )
 
     def infer(self, request, datastore=None):
-        """`MONAILabelApp.infer` with clear 4xx answers: 404 for an image id the datastore does not hold, 422 for
-        an unreadable file or a bad parameter."""
+        """`MONAILabelApp.infer` with clear answers: 404 for an image id the datastore does not hold, 422 for an
+        unreadable file or a bad parameter, 502 when the DICOMweb datastore cannot be reached."""
         image = request.get("image")
         if isinstance(image, str) and image and not os.path.exists(image):
             store = datastore or self.datastore()
             try:
                 uri = store.get_image_uri(image)
-            except Exception as err:  # a DICOMweb lookup fails in many ways (no such series, HTTP errors)
-                raise HTTPException(404, f"image {image!r} is not in the datastore {store.name()}: {err}") from None
+            except IndexError:  # MONAI Label's DICOMweb lookup of a series the PACS does not hold
+                raise HTTPException(404, f"image {image!r} is not in the datastore {store.name()}") from None
+            except Exception as err:  # the PACS is down or answers with an error: not the request's fault
+                raise HTTPException(
+                    502, f"the datastore {store.name()} could not be asked for image {image!r}: {type(err).__name__}"
+                ) from None
             if not uri or not os.path.exists(uri) or (os.path.isdir(uri) and not os.listdir(uri)):
                 raise HTTPException(404, f"image {image!r} is not in the datastore {store.name()}")
             request = {**request, "image_id": image}

@@ -17,7 +17,8 @@
    probabilities must equal those of the same pixels stored as MONOCHROME2, run locally.
 5. Malformed requests (unknown image id, a text upload, a DICOM without pixels, a bad parameter) must answer 4xx
    and the server keep serving; then a bounded load test (``--load_requests`` JSON requests, ``--parallel`` at a
-   time) measures the error rate and latency.
+   time) measures the error rate and latency. Last, with Orthanc stopped, a series never fetched must answer 502
+   and one fetched before must still be answered from MONAI Label's cache.
 
 Prints the figures as JSON and exits 1 on any failure; both servers are stopped in every case.
 """
@@ -404,6 +405,18 @@ def main(argv=None) -> int:
             figures["load"] = load_test(base, list(series), args.load_requests, args.parallel)
             if figures["load"]["errors"]:
                 failures.append(f"load test: {figures['load']['errors']} failed request(s)")
+        # the PACS goes down: a series never fetched gets a 502, one already fetched is still answered
+        stop(orthanc)
+        orthanc = None
+        figures["pacs_down"] = {}
+        for case, image, expected in (
+            ("not fetched", "1.2.3.4.6", 502),
+            ("fetched before", uploads[0].SeriesInstanceUID, 200),
+        ):
+            status, body, _ = request("POST", f"{base}/infer/medfusionnet?image={image}&output=json")
+            figures["pacs_down"][case] = status
+            if status != expected:
+                failures.append(f"PACS down, {case}: HTTP {status}, expected {expected}: {body[:200]!r}")
     except Exception as err:  # any failure is reported with the figures so far, and the servers still stop
         failures.append(f"{type(err).__name__}: {err}")
     finally:
