@@ -54,6 +54,19 @@ def test_structured_report_round_trip(source, tmp_path):
     assert float(probability.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.8125)
     decision = mass.ContentSequence[2].ConceptCodeSequence[0]
     assert (decision.CodeValue, decision.CodingSchemeDesignator) == ("52101004", "SCT")  # Present
+    # findings in SNOMED CT where DICOM's code tables have them (codes as PS3.16 lists them), else the private scheme
+    coded = {
+        str(i.ConceptCodeSequence[0].CodeMeaning): (
+            str(i.ConceptCodeSequence[0].CodeValue),
+            str(i.ConceptCodeSequence[0].CodingSchemeDesignator),
+        )
+        for i in back.ContentSequence
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071"
+    }
+    assert len(coded) == 14
+    assert coded["Pleural effusion"] == ("60046008", "SCT") and coded["Pneumothorax"] == ("36118008", "SCT")
+    assert coded["Pulmonary edema"] == ("19242006", "SCT") and coded["Mass"] == ("4147007", "SCT")
+    assert coded["Hernia"] == ("HERNIA", "99MFN") and coded["Pleural_Thickening"] == ("PLEURAL_THICKENI", "99MFN")
     report = dicom.read_report(back)
     assert report["model"] == "MedFusionNet" and report["version"] == "9.9.9"
     assert report["tier"] == "medium" and report["tabular_level"] == "high" and report["combined_tier"] == "high"
@@ -77,6 +90,11 @@ def test_segmentation_holds_one_segment_per_region(source, tmp_path):
     back = pydicom.dcmread(path)
     assert back.Modality == "SEG" and back.SegmentationType == "BINARY"
     assert dicom.segment_labels(back) == ["Mass", "Hernia"]
+    types = [s.SegmentedPropertyTypeCodeSequence[0] for s in back.SegmentSequence]
+    assert [(str(t.CodeValue), str(t.CodingSchemeDesignator)) for t in types] == [
+        ("4147007", "SCT"),
+        ("HERNIA", "99MFN"),
+    ]
     assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
     frames = back.pixel_array.reshape(-1, *shape)
     numbers = [
@@ -94,3 +112,7 @@ def test_segmentation_refusals(source):
         dicom.segmentation(source, {"Mass": np.zeros((3, 3), dtype=bool)}, MODEL)
     with pytest.raises(ValueError, match="unknown finding"):
         dicom.finding_code("Fracture")
+    fracture = pydicom.Dataset()
+    fracture.CodeValue, fracture.CodingSchemeDesignator, fracture.CodeMeaning = "72704001", "SCT", "Fracture"
+    with pytest.raises(ValueError, match="72704001 of scheme SCT .*Fracture.* is no NIH finding"):
+        dicom.finding_label(fracture)

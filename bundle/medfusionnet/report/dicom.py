@@ -5,8 +5,9 @@
   that the SR's evidence also lists), the risk tier, with a risk model the tabular level and the combined tier, and
   one "Finding" (DCM 121071) per finding of the 14, whose value names the finding and whose children are its
   probability, decision threshold (both NUM, unit UCUM "1") and decision (SNOMED CT Present / Absent).
-  The NIH findings, the probability, threshold and tier concepts have no standard code that fits exactly, so they
-  use the private coding scheme `SCHEME` ("99MFN"), each with its plain meaning.
+  A finding is coded in SNOMED CT where DICOM's code tables (PS3.16, as `pydicom.sr.codedict` holds them) have the
+  concept (`STANDARD_FINDINGS`); the other findings, and the probability, threshold and tier concepts, use the
+  private coding scheme `SCHEME` ("99MFN"), each with its plain meaning.
 - `segmentation`: a binary DICOM Segmentation of the source X-ray with one segment per positive finding (its
   Grad-CAM region, `serving.finding_regions`), labelled by finding, algorithm type AUTOMATIC.
 - `read_report`: the SR back as ``{model, version, tier, ..., findings: {name: {probability, threshold,
@@ -22,6 +23,16 @@ import numpy as np
 from ..constants import LABELS
 
 SCHEME = "99MFN"  # private coding scheme of the concepts that have no fitting standard code
+# NIH finding -> keyword of its SNOMED CT concept in DICOM's code tables; the rest have none there
+STANDARD_FINDINGS = {
+    "Cardiomegaly": "Cardiomegaly",
+    "Effusion": "PleuralEffusion",
+    "Mass": "Mass",
+    "Nodule": "Nodule",
+    "Pneumothorax": "Pneumothorax",
+    "Edema": "PulmonaryEdema",
+    "Fibrosis": "Fibrosis",
+}
 SERIES_NUMBER_SR = 9001
 SERIES_NUMBER_SEG = 9002
 
@@ -80,12 +91,26 @@ def _codes():
 
 
 def finding_code(label: str):
-    """The coded concept of an NIH finding (private scheme `SCHEME`, code value = meaning = the NIH label)."""
+    """The coded concept of an NIH finding: SNOMED CT for `STANDARD_FINDINGS`, else private scheme `SCHEME` (code
+    value = meaning = the NIH label)."""
     import highdicom as hd
+    from pydicom.sr.codedict import codes
 
     if label not in LABELS:
         raise ValueError(f"unknown finding {label!r}; expected one of {', '.join(LABELS)}")
+    if label in STANDARD_FINDINGS:
+        return getattr(codes.SCT, STANDARD_FINDINGS[label])
     return hd.sr.CodedConcept(label.upper()[:16], SCHEME, label)
+
+
+def finding_label(code) -> str:
+    """The NIH finding of a coded concept (``CodeValue`` and ``CodingSchemeDesignator``) `finding_code` made."""
+    key = (str(code.CodeValue), str(code.CodingSchemeDesignator))
+    for label in LABELS:
+        concept = finding_code(label)
+        if (concept.value, concept.scheme_designator) == key:
+            return label
+    raise ValueError(f"code {key[0]} of scheme {key[1]} ({getattr(code, 'CodeMeaning', '')!r}) is no NIH finding")
 
 
 def structured_report(source, result: dict, model: dict, series_instance_uid=None, sop_instance_uid=None):
@@ -213,7 +238,7 @@ def read_report(ds) -> dict:
                 "sop_instance": str(ref.ReferencedSOPInstanceUID),
             }
         elif item.ValueType == "CODE" and name == k["finding"].meaning:
-            label = str(item.ConceptCodeSequence[0].CodeMeaning)
+            label = finding_label(item.ConceptCodeSequence[0])
             values: dict = {}
             for child in item.ContentSequence:
                 child_name = meaning(child)
