@@ -130,6 +130,7 @@ class _BundleTask(InferTask):
     def answer(self, request, prediction, maps: dict, cam_threshold: float) -> dict:
         """The result params, with the per-image ``decisions.json`` / ``decisions.html`` written when ``report``."""
         from medfusionnet.report import html
+        from medfusionnet.serving import decisions_document
 
         predictor = self.predictor()
         result = dict(prediction.result)
@@ -143,9 +144,7 @@ class _BundleTask(InferTask):
             return answer
         image_id = str(request.get("image_id") or prediction.name)
         folder = os.path.join(self.reports_dir, re.sub(r"[^A-Za-z0-9._-]", "_", image_id))
-        document_keys = ("rule", "thresholds", "calibrated", "combined_rule")
-        document = {k: result[k] for k in document_keys if k in result}
-        document["images"] = [{k: v for k, v in result.items() if k not in document_keys}]
+        document = decisions_document([result])
         document["model_trained_on"] = predictor.trained_on
         if predictor.risk is not None:
             document["risk_model"] = predictor.risk.describe()

@@ -1,10 +1,15 @@
-"""Results as DICOM (`medfusionnet.report.dicom`): the SR and the SEG written, read back with pydicom, value by value."""
+"""Results as DICOM (`medfusionnet.report.dicom`): the SR and the SEG written, read back with pydicom, value by value;
+and a study run through `report.pacs.report_study`."""
 
 from __future__ import annotations
+
+import copy
+import json
 
 import numpy as np
 import pydicom
 import pytest
+from conftest import write_tiny_run
 
 from medfusionnet.constants import LABELS
 from medfusionnet.report import dicom
@@ -116,3 +121,64 @@ def test_segmentation_refusals(source):
     fracture.CodeValue, fracture.CodingSchemeDesignator, fracture.CodeMeaning = "72704001", "SCT", "Fracture"
     with pytest.raises(ValueError, match="72704001 of scheme SCT .*Fracture.* is no NIH finding"):
         dicom.finding_label(fracture)
+
+
+class _DicomwebStub:
+    """The part of `dicomweb_client.DICOMwebClient` that `report.pacs.report_study` calls, over datasets in memory
+    (Orthanc plays it for real in scripts/pacs_roundtrip.py)."""
+
+    base_url = "http://pacs.invalid/dicom-web"
+
+    def __init__(self, datasets):
+        self.datasets = {str(ds.SOPInstanceUID): ds for ds in datasets}
+        self.stored = []
+
+    def search_for_series(self, search_filters):
+        seen = {}
+        for ds in self.datasets.values():
+            if ds.StudyInstanceUID == search_filters["StudyInstanceUID"]:
+                seen[ds.SeriesInstanceUID] = {
+                    "00080060": {"Value": [ds.Modality]},
+                    "0020000E": {"Value": [ds.SeriesInstanceUID]},
+                }
+        return list(seen.values())
+
+    def search_for_instances(self, study_instance_uid, series_instance_uid):
+        return [
+            {"00080018": {"Value": [uid]}}
+            for uid, ds in self.datasets.items()
+            if ds.StudyInstanceUID == study_instance_uid and ds.SeriesInstanceUID == series_instance_uid
+        ]
+
+    def retrieve_instance(self, study_instance_uid, series_instance_uid, sop_instance_uid):
+        return copy.deepcopy(self.datasets[sop_instance_uid])
+
+    def store_instances(self, datasets, study_instance_uid):
+        self.stored += [(study_instance_uid, ds) for ds in datasets]
+
+
+def test_report_study_skips_an_unreadable_instance_and_stores_the_rest(source, tmp_path):
+    from pydicom.uid import generate_uid
+
+    from medfusionnet.report.pacs import report_study
+    from medfusionnet.serving import XrayPredictor
+
+    blank = copy.deepcopy(source)  # the same series, a second instance without pixel data
+    blank.SOPInstanceUID = blank.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    del blank.PixelData
+    client = _DicomwebStub([source, blank])
+    predictor = XrayPredictor(str(write_tiny_run(tmp_path / "run")))
+    answer = report_study(predictor, client, source.StudyInstanceUID, str(tmp_path / "out"))
+    assert [i["instance"] for i in answer["images"]] == [source.SOPInstanceUID]
+    assert [u["image"] for u in answer["unreadable"]] == [blank.SOPInstanceUID]
+    document = json.loads((tmp_path / "out" / "decisions.json").read_text())
+    assert [i["status"] for i in document["images"]] == ["ok", "unreadable"]
+    assert (tmp_path / "out" / "decisions.html").is_file()
+    reports = [ds for study, ds in client.stored if ds.Modality == "SR" and study == source.StudyInstanceUID]
+    assert len(reports) == 1
+    back = dicom.read_report(reports[0])
+    assert back["source"]["sop_instance"] == source.SOPInstanceUID
+    for label in LABELS:
+        assert back["findings"][label]["probability"] == pytest.approx(document["images"][0]["probabilities"][label])
+    with pytest.raises(ValueError, match=f"{source.StudyInstanceUID}: no readable X-ray"):
+        report_study(predictor, _DicomwebStub([blank]), source.StudyInstanceUID, str(tmp_path / "none"))

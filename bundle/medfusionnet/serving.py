@@ -87,33 +87,69 @@ class XrayPredictor:
         document = decision_document(
             [name], probs[None], self.thresholds, self.rule, self.calibration, labels=LABELS, risks=risks
         )
-        result = dict(document["images"][0])
-        for key in ("rule", "thresholds", "calibrated", "combined_rule"):
-            if key in document:
-                result[key] = document[key]
-        used = {**xray.header, **{k: v for k, v in fields.items() if k != KEY_CLINICAL}}
-        if fields.get(KEY_CLINICAL):
-            used[KEY_CLINICAL] = fields[KEY_CLINICAL]
-        return Prediction(name, result, probs, xray.array, used, image, tabular)
+        result = with_document_keys(document["images"][0], document)
+        return Prediction(name, result, probs, xray.array, inputs_used(xray.header, fields), image, tabular)
 
     def finding_maps(self, prediction: Prediction, findings: list[str] | None = None) -> dict[str, np.ndarray]:
         """``{finding: Grad-CAM map in [0, 1] on the X-ray's pixel grid}`` for ``findings`` (default: the positive
         ones)."""
-        from .explain.saliency import gradcam
-
         findings = prediction.result["findings"] if findings is None else findings
-        height, width = prediction.xray.shape
-        maps = {}
-        for finding in findings:
-            cam = gradcam(self.network, prediction.image, LABELS.index(finding), prediction.tabular)
-            maps[finding] = to_xray_frame(cam[0, 0].cpu().numpy(), self.image_size, (width, height))
-        return maps
+        return gradcam_maps(self.network, prediction.image, prediction.tabular, findings, prediction.xray.shape)
 
     def describe(self) -> dict:
         """The model's name, the bundle version and the training data, as the DICOM report records them."""
         from . import __version__
 
         return {"name": "MedFusionNet", "version": __version__, "trained_on": self.trained_on}
+
+
+DOCUMENT_KEYS = ("rule", "thresholds", "calibrated", "combined_rule")  # decisions.json's run-level keys
+
+
+def with_document_keys(item: dict, document: dict) -> dict:
+    """One image's entry of a decisions document with the document's `DOCUMENT_KEYS` it holds (rule, thresholds,
+    ...), as a page or a DICOM report of that image alone needs them."""
+    return {**item, **{k: document[k] for k in DOCUMENT_KEYS if k in document}}
+
+
+def decisions_document(results: list[dict], unreadable: list[dict] | None = None) -> dict:
+    """A ``decisions.json`` document of single-image ``results`` (`XrayPredictor.predict`'s, which carry the
+    `DOCUMENT_KEYS`): those keys once, the images without them, then the ``unreadable`` entries (``image``,
+    ``status``, ``error``)."""
+    if not results:
+        raise ValueError("a decisions document needs at least one result")
+    document = {k: results[0][k] for k in DOCUMENT_KEYS if k in results[0]}
+    document["images"] = [{k: v for k, v in r.items() if k not in DOCUMENT_KEYS} for r in results]
+    document["images"] += list(unreadable or [])
+    return document
+
+
+def inputs_used(header: dict, fields: dict) -> dict:
+    """The tabular inputs of one X-ray as preprocessing takes them: its DICOM ``header`` values, overridden by the
+    ``fields`` given with it that are not missing (``age``, ``sex``, ``view``, ``follow_up``; ``clinical`` kept as
+    one object)."""
+    from .data.tabular import is_missing
+
+    used = {**header, **{k: v for k, v in fields.items() if k in RAW_TABULAR_KEYS and not is_missing(v)}}
+    if fields.get(KEY_CLINICAL):
+        used[KEY_CLINICAL] = fields[KEY_CLINICAL]
+    return used
+
+
+def gradcam_maps(network, image: torch.Tensor, tabular: torch.Tensor, findings, xray_shape) -> dict[str, np.ndarray]:
+    """``{finding: Grad-CAM map in [0, 1]}`` of ``network``'s CNN branch for the prepared ``image`` (1, C, S, S) and
+    ``tabular``, each on the X-ray's ``(height, width)`` grid (`to_xray_frame`)."""
+    from .explain.saliency import gradcam
+
+    height, width = xray_shape
+    return {
+        finding: to_xray_frame(
+            gradcam(network, image, LABELS.index(finding), tabular)[0, 0].cpu().numpy(),
+            int(image.shape[-1]),
+            (width, height),
+        )
+        for finding in findings
+    }
 
 
 def to_xray_frame(cam: np.ndarray, image_size: int, frame_size: tuple[int, int]) -> np.ndarray:

@@ -344,11 +344,10 @@ class DecisionReportWriter:
 
     def write(self) -> str:
         """Write the pages and the index; returns the index's path."""
-        from ..constants import KEY_CLINICAL, KEY_TABULAR, RAW_TABULAR_KEYS
+        from ..constants import KEY_TABULAR
         from ..data.image_reader import read_xray
-        from ..explain.saliency import gradcam
         from ..report import html
-        from ..serving import to_xray_frame
+        from ..serving import gradcam_maps, inputs_used, with_document_keys
 
         with open(os.path.join(self.output_dir, "decisions.json")) as f:
             document = json.load(f)
@@ -366,22 +365,9 @@ class DecisionReportWriter:
                 prepared = self.transform(dict(record))
                 image = torch.as_tensor(prepared[KEY_IMAGE])[None].to(device)
                 tabular = torch.as_tensor(prepared[KEY_TABULAR])[None].to(device)
-                height, width = xray.array.shape
-                maps = {
-                    finding: to_xray_frame(
-                        gradcam(self.network, image, LABELS.index(finding), tabular)[0, 0].cpu().numpy(),
-                        int(image.shape[-1]),
-                        (width, height),
-                    )
-                    for finding in item["findings"]
-                }
-                fields = {**xray.header, **{k: record[k] for k in RAW_TABULAR_KEYS if record.get(k) not in (None, "")}}
-                if record.get(KEY_CLINICAL):
-                    fields[KEY_CLINICAL] = record[KEY_CLINICAL]
-                result = {
-                    **item,
-                    **{k: document[k] for k in ("rule", "thresholds", "calibrated", "combined_rule") if k in document},
-                }
+                maps = gradcam_maps(self.network, image, tabular, item["findings"], xray.array.shape)
+                fields = inputs_used(xray.header, record)
+                result = with_document_keys(item, document)
                 pages[item["image"]] = html.write_study_page(
                     os.path.join(self.output_dir, "report"), result, xray.array, maps, fields, self.cam_threshold
                 )

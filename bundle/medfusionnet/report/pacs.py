@@ -13,7 +13,8 @@ import logging
 import os
 import tempfile
 
-from ..serving import XrayPredictor, finding_regions
+from ..data.unreadable import UnreadableImageError
+from ..serving import XrayPredictor, decisions_document, finding_regions
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +52,29 @@ def report_study(
     modalities=("CR", "DX"),
 ) -> dict:
     """Run the study's X-rays, store an SR (and a SEG where a finding is positive) per image, write the study's
-    ``decisions.json`` / ``decisions.html`` under ``output_dir``; returns what was stored, per image."""
+    ``decisions.json`` / ``decisions.html`` under ``output_dir``; returns what was stored, per image. An instance
+    that is no readable X-ray (e.g. no pixel data) is skipped with a warning and listed as ``unreadable``.
+
+    Raises:
+        ValueError: the study is not on the server, or holds no readable X-ray of ``modalities``.
+    """
 
     from ..report import dicom, html
 
     model = predictor.describe()
     os.makedirs(output_dir, exist_ok=True)
-    results, pages, stored = [], {}, []
+    results, pages, stored, unreadable = [], {}, [], []
     with tempfile.TemporaryDirectory() as work:
         for series_uid, instance_uid in study_instances(client, study_uid, modalities):
             source = client.retrieve_instance(study_uid, series_uid, instance_uid)
             path = os.path.join(work, f"{instance_uid}.dcm")
             source.save_as(path, enforce_file_format=True)
-            prediction = predictor.predict(path, name=instance_uid)
+            try:
+                prediction = predictor.predict(path, name=instance_uid)
+            except UnreadableImageError as err:  # one bad instance does not cost the study's other X-rays
+                logger.warning("study %s: skipped instance %s: %s", study_uid, instance_uid, err)
+                unreadable.append({"image": instance_uid, "status": "unreadable", "error": str(err)})
+                continue
             maps = predictor.finding_maps(prediction)
             report = dicom.structured_report(source, prediction.result, model)
             seg = dicom.segmentation(source, finding_regions(maps, cam_threshold), model)
@@ -90,13 +101,19 @@ def report_study(
                 prediction.fields,
                 cam_threshold,
             )
-    document_keys = ("rule", "thresholds", "calibrated", "combined_rule")
-    document = {k: results[0][k] for k in document_keys if k in results[0]}
-    document["images"] = [{k: v for k, v in r.items() if k not in document_keys} for r in results]
+    if not results:
+        raise ValueError(f"study {study_uid}: no readable X-ray ({'; '.join(u['error'] for u in unreadable)})")
+    document = decisions_document(results, unreadable)
     document["study"] = study_uid
     document["model"] = model
     with open(os.path.join(output_dir, "decisions.json"), "w") as f:
         json.dump(document, f, indent=2)
     html.write_index(output_dir, document, pages)
-    logger.info("study %s: %d image(s), results %s", study_uid, len(stored), "stored" if store else "not stored")
-    return {"study": study_uid, "images": stored, "output_dir": output_dir}
+    logger.info(
+        "study %s: %d image(s), %d unreadable skipped, results %s",
+        study_uid,
+        len(stored),
+        len(unreadable),
+        "stored" if store else "not stored",
+    )
+    return {"study": study_uid, "images": stored, "unreadable": unreadable, "output_dir": output_dir}
