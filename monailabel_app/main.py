@@ -25,7 +25,8 @@ Each answer also writes ``decisions.json`` and ``decisions.html`` for the image 
 only the top finding's map). Tabular input is read from the DICOM header, or from the request's params
 (``age``, ``sex``, ``view``, ``follow_up``, and ``clinical``: ``{column: value}`` for a risk model's other fields),
 else encoded as missing. An image id the datastore does not hold answers 404; a file that is not a readable 2-D
-X-ray (a text upload, a DICOM without pixels) or a bad parameter answers 422, naming the file or the parameter.
+X-ray (a text upload, a DICOM without pixels) or a bad parameter answers 422, naming the file or the parameter; a
+DICOMweb datastore that cannot be reached answers 502.
 """
 
 from __future__ import annotations
