@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 
@@ -144,7 +143,7 @@ class _BundleTask(InferTask):
         if not self.with_report(request):
             return answer
         image_id = str(request.get("image_id") or prediction.name)
-        folder = os.path.join(self.reports_dir, re.sub(r"[^A-Za-z0-9._-]", "_", image_id))
+        folder = os.path.join(self.reports_dir, html.safe_name(image_id))
         document = decisions_document([result])
         document["model_trained_on"] = predictor.trained_on
         if predictor.risk is not None:

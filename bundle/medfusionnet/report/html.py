@@ -1,14 +1,14 @@
 """``decisions.html``: a report a clinician can open offline, beside ``decisions.json``.
 
 The index page lists every image of the run (status, tier, combined tier, findings, tabular level) and links to one
-page per image that has its X-ray: the X-ray, the overlay of each positive finding's region (`serving.label_map`'s
-Grad-CAM regions, with the map's strength as opacity), the 14 probabilities against their thresholds as a bar chart,
-the tier and its rule, the tabular inputs used and, with a risk model, its level, probability and fired rules per
-outcome. Pictures are JPEG files in ``report/`` next to the pages, referenced by relative paths; no script, font or
-style is fetched from anywhere. Each page counts its pictures once loaded and writes the counts into the ``<body>``
-attributes ``data-images-loaded`` / ``data-images-broken`` (and a visible warning when one is missing), so that a
-browser, or a test driving one, can tell a page whose pictures did not resolve.
-"""
+page per image that has its X-ray: the X-ray, the overlay of each positive finding's region (its Grad-CAM map where
+it reaches the threshold, as `serving.finding_regions` bounds it, with the map's strength as opacity), the 14
+probabilities against their thresholds as a bar chart, the tier and its rule, the tabular inputs used and, with a
+risk model, its level, probability and fired rules per outcome. Pictures are JPEG files in ``report/`` next to the
+pages, referenced by relative paths; no script, font or style is fetched from anywhere. Each page counts its
+pictures once loaded and writes the counts into the ``<body>`` attributes ``data-images-loaded`` /
+``data-images-broken`` (and a visible warning when one is missing), so that a browser, or a test driving one, can
+tell a page whose pictures did not resolve."""
 
 from __future__ import annotations
 
@@ -272,7 +272,11 @@ def write_index(output_dir: str, document: dict, pages: dict[str, str], model: s
         f'<p class="note">{html.escape(document["rule"])}</p>',
         f'<p class="note">{html.escape(document.get("combined_rule", ""))}</p>' if with_risk else "",
         "<table>" + "".join(rows) + "</table>",
-        f'<p class="note">{missing} image(s) without a page (report_images limits the pages).</p>' if missing else "",
+        (
+            f'<p class="note">{missing} image(s) without a page (the report_pages of inference.yaml limits the pages).</p>'
+            if missing
+            else ""
+        ),
     ]
     path = os.path.join(output_dir, "decisions.html")
     with open(path, "w", encoding="utf-8") as f:
