@@ -130,7 +130,8 @@ def structured_report(source, result: dict, model: dict, series_instance_uid=Non
         hd.sr.TextContentItem(k["tier"], result["tier"], relationship_type=contains),
     ]
     if "combined_tier" in result:
-        level = result.get("tabular_risk", {}).get("level", result.get("tabular_risk", {}).get("status", ""))
+        risk = result.get("tabular_risk", {})
+        level = risk.get("level", risk.get("status", ""))  # no level: why not (e.g. "no tabular data")
         items.append(hd.sr.TextContentItem(k["tabular_level"], str(level), relationship_type=contains))
         items.append(hd.sr.TextContentItem(k["combined_tier"], result["combined_tier"], relationship_type=contains))
     for label in LABELS:
